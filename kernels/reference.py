@@ -1,0 +1,612 @@
+"""DASH reference semantics in plain torch: the spec in code (DESIGN.md §3).
+
+Everything the Triton kernels and the vLLM adapter compute is defined here first, readable
+first and vectorised second. Every kernel test compares against these functions, and the
+entmax here is checked against the independent `entmax` package.
+
+Conventions (vLLM's):
+  * decode query ``q`` [num_seqs, Hq, D]; the query is the last token of its sequence and
+    its own K/V are already in the cache (context length ``L`` includes it);
+  * query head ``h`` belongs to KV head ``h // G`` with ``G = Hq // Hk``;
+  * contiguous K/V [num_seqs, Hk, L_max, D] with per-sequence lengths ``seq_lens``;
+  * paged K/V caches [num_blocks, block_size, Hk, D] (vLLM's NHD block layout; a head-major
+    cache [num_blocks, Hk, block_size, D] is passed as its ``.transpose(1, 2)`` view), a
+    block table [num_seqs, max_blocks] of physical block ids, and ``seq_lens``;
+  * logical block ``c`` of a sequence holds tokens ``[c*B, min((c+1)*B, L))``; the last
+    one (``n - 1``, ``n = ceil(L / B)``) is the current, possibly partial, block.
+
+The method, per sequence and KV head (G query heads):
+  stage 1   u_hc = scale * (q_h . kbar_c)            (kbar_c: mean of the block's keys)
+            z_hc = score_scale * u_hc                 (score_norm "none")
+                 = score_scale * (u_hc - mean_c u_h) / std_c u_h      ("standardize")
+            p_h  = alpha-entmax(z_h) over the sequence's blocks
+            pbar = mean over the G heads of p_h       (support = union of the heads')
+            selected = {pbar > 0} | forced | floor,  forced = current, sink_blocks first,
+                       local_blocks last; floor = the min_blocks best blocks of every head;
+            optional max_blocks cap; sequences shorter than dense_below: everything, flat.
+  stage 2   logit_i = scale * (q_h . k_i) + prior_weight * log(pi_c(i)) over the tokens of
+            the selected blocks; softmax; out = sum_i a_i v_i
+            pi_c = 1 for forced/floor blocks, pbar_c ("none") or pbar_c / max pbar ("max").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = [
+    "ENTMAX_N_ITER",
+    "ENTMAX_TOL",
+    "SCORE_NORMS",
+    "PRIOR_NORMS",
+    "STD_EPS",
+    "entmax",
+    "entmax_threshold",
+    "block_summaries",
+    "block_summaries_paged",
+    "gather_paged",
+    "Selection",
+    "select_blocks",
+    "sparse_attention",
+    "dash_attention",
+    "dash_attention_paged",
+    "validate_dash_args",
+]
+
+#: Fixed iteration count of the general-alpha threshold solver (no data-dependent loop).
+ENTMAX_N_ITER = 30
+#: Stated tolerance of :func:`entmax` (fp32 compute): max |p - p_exact| per entry.
+ENTMAX_TOL = 1e-5
+#: Floor of the standard deviation in score_norm="standardize" (population std).
+STD_EPS = 1e-6
+SCORE_NORMS = ("none", "standardize")
+PRIOR_NORMS = ("none", "max")
+
+
+# --------------------------------------------------------------------------------------
+# alpha-entmax
+# --------------------------------------------------------------------------------------
+def _check_alpha(alpha: float) -> float:
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a number in (1, 2], got {alpha!r}") from None
+    if not (1.0 < a <= 2.0):
+        raise ValueError(
+            f"alpha must be in (1, 2] (alpha=1 is softmax, which has no sparse support; "
+            f"alpha=2 is sparsemax), got {alpha!r}"
+        )
+    return a
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _prepare(x: torch.Tensor, alpha: float):
+    """y = (alpha - 1) * x in the compute dtype, shifted so that every row's max is 0.
+
+    Entries below max - 1 can never be in the support (tau >= max - 1), so -inf entries are
+    replaced by -2 (still outside) to keep every later sum finite. Rows that are entirely
+    -inf are flagged and produce all zeros.
+    """
+    y = x.to(_compute_dtype(x.dtype)) * (alpha - 1.0)
+    m = y.amax(dim=-1, keepdim=True)
+    empty = torch.isneginf(m)
+    y = torch.where(empty, torch.zeros_like(y), y - torch.where(empty, torch.zeros_like(m), m))
+    y = y.clamp_min(-2.0)
+    return y, empty
+
+
+def _threshold_sort_15(y: torch.Tensor) -> torch.Tensor:
+    """Exact tau for alpha=1.5 (rows of y already scaled by 1/2): sum_i [y_i - tau]_+^2 = 1.
+
+    For a support of the k largest entries, tau solves k tau^2 - 2 tau S1 + S2 - 1 = 0:
+    tau_k = mean_k - sqrt((1 - ss_k) / k), ss_k = S2 - k mean_k^2. The support size is the
+    largest k with tau_k < y_(k).
+    """
+    ys, _ = torch.sort(y, dim=-1, descending=True)
+    k = torch.arange(1, y.shape[-1] + 1, device=y.device, dtype=y.dtype)
+    mean = ys.cumsum(-1) / k
+    mean_sq = (ys * ys).cumsum(-1) / k
+    ss = k * (mean_sq - mean * mean)
+    tau = mean - torch.sqrt(((1.0 - ss) / k).clamp_min(0.0))
+    support = (tau < ys).sum(dim=-1, keepdim=True).clamp_min(1)
+    return tau.gather(-1, support - 1)
+
+
+def _threshold_sort_2(y: torch.Tensor) -> torch.Tensor:
+    """Exact tau for alpha=2 (sparsemax): sum_i [y_i - tau]_+ = 1."""
+    ys, _ = torch.sort(y, dim=-1, descending=True)
+    k = torch.arange(1, y.shape[-1] + 1, device=y.device, dtype=y.dtype)
+    tau = (ys.cumsum(-1) - 1.0) / k
+    support = (tau < ys).sum(dim=-1, keepdim=True).clamp_min(1)
+    return tau.gather(-1, support - 1)
+
+
+def _threshold_newton(y: torch.Tensor, alpha: float, n_iter: int) -> torch.Tensor:
+    """tau with f(tau) = sum_i [y_i - tau]_+^(1/(alpha-1)) - 1 = 0, any alpha in (1, 2].
+
+    f is convex and decreasing on the bracket [max - 1, max - d^(1-alpha)] (f >= 0 at the
+    left end, <= 0 at the right). Newton's step from a point left of the root lands between
+    that point and the root, so the iteration starts at the left end and stays inside the
+    bracket; a step that leaves the bracket numerically is replaced by bisection. Fixed
+    iteration count: no data-dependent loop, the same shape of work as the GPU kernel.
+    """
+    r = 1.0 / (alpha - 1.0)
+    d = y.shape[-1]
+    lo = torch.full_like(y[..., :1], -1.0)  # rows are shifted: max = 0
+    hi = torch.full_like(lo, -(1.0 / d) ** (alpha - 1.0))
+    tau = lo.clone()
+    for _ in range(n_iter):
+        diff = (y - tau).clamp_min(0.0)
+        f = diff.pow(r).sum(-1, keepdim=True) - 1.0
+        df = -r * diff.pow(r - 1.0).sum(-1, keepdim=True) if r > 1.0 else \
+            -(diff > 0).to(y.dtype).sum(-1, keepdim=True)
+        lo = torch.where(f >= 0, tau, lo)
+        hi = torch.where(f < 0, tau, hi)
+        step = tau - f / df.clamp_max(-1e-30)
+        inside = (step >= lo) & (step <= hi)
+        tau = torch.where(inside, step, 0.5 * (lo + hi))
+    return tau
+
+
+def entmax_threshold(x: torch.Tensor, alpha: float = 1.5, dim: int = -1,
+                     n_iter: int = ENTMAX_N_ITER) -> torch.Tensor:
+    """The threshold tau of alpha-entmax along ``dim`` for the shifted, scaled rows
+    ``(alpha - 1) * (x - max x)`` (returned with ``dim`` kept, compute dtype)."""
+    alpha = _check_alpha(alpha)
+    y, _ = _prepare(x.movedim(dim, -1), alpha)
+    if alpha == 1.5:
+        tau = _threshold_sort_15(y)
+    elif alpha == 2.0:
+        tau = _threshold_sort_2(y)
+    else:
+        tau = _threshold_newton(y, alpha, n_iter)
+    return tau.movedim(-1, dim)
+
+
+def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1,
+           n_iter: int = ENTMAX_N_ITER) -> torch.Tensor:
+    """alpha-entmax along ``dim``: p_i = [(alpha-1) x_i - tau]_+^(1/(alpha-1)), sum p = 1.
+
+    * alpha in (1, 2]; 1.5 and 2 (sparsemax) use the exact sort-based threshold, other
+      values a safeguarded Newton solve with a fixed ``n_iter`` (default 30) iterations.
+    * Tolerance: max |p - p_exact| <= ENTMAX_TOL (1e-5) per entry for fp32/bf16/fp16 inputs
+      (computed in fp32; fp64 inputs in fp64); the result is renormalised to sum to 1.
+    * Entries may be -inf (probability exactly 0); a row that is entirely -inf gives all
+      zeros. Ties get equal probability. +inf and NaN are not allowed.
+    * Returns the input dtype.
+    """
+    alpha = _check_alpha(alpha)
+    xt = x.movedim(dim, -1)
+    y, empty = _prepare(xt, alpha)
+    if alpha == 1.5:
+        tau = _threshold_sort_15(y)
+    elif alpha == 2.0:
+        tau = _threshold_sort_2(y)
+    else:
+        tau = _threshold_newton(y, alpha, n_iter)
+    p = (y - tau).clamp_min(0.0).pow(1.0 / (alpha - 1.0))
+    p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    p = torch.where(empty | torch.isneginf(xt), torch.zeros_like(p), p)
+    return p.to(x.dtype).movedim(-1, dim)
+
+
+# --------------------------------------------------------------------------------------
+# argument checks (shared by every entry point and, through the adapter, by DashConfig)
+# --------------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_dash_args(*, block_size, alpha=1.5, score_scale=1.0, prior_weight=1.0,
+                       sink_blocks=0, local_blocks=0, max_blocks=None, min_blocks=0,
+                       dense_below=0, score_norm="none", prior_norm="none",
+                       scale=None) -> None:
+    """Raise ValueError naming the argument and its allowed values for anything invalid."""
+    if not _is_int(block_size) or block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a positive power of two, got {block_size!r}")
+    _check_alpha(alpha)
+    if not isinstance(score_scale, (int, float)) or isinstance(score_scale, bool) or \
+            not math.isfinite(score_scale) or score_scale < 0:
+        raise ValueError(f"score_scale must be a finite number >= 0, got {score_scale!r}")
+    if not isinstance(prior_weight, (int, float)) or isinstance(prior_weight, bool) or \
+            not (0.0 <= prior_weight <= 1.0):
+        raise ValueError(f"prior_weight must be in [0, 1], got {prior_weight!r}")
+    for name, v in (("sink_blocks", sink_blocks), ("local_blocks", local_blocks),
+                    ("min_blocks", min_blocks), ("dense_below", dense_below)):
+        if not _is_int(v) or v < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+    if max_blocks is not None:
+        need = sink_blocks + max(local_blocks, 1)
+        if not _is_int(max_blocks) or max_blocks < need:
+            raise ValueError(
+                f"max_blocks must be None or an integer >= sink_blocks + max(local_blocks, 1) "
+                f"= {need} (the forced blocks always stay), got {max_blocks!r}")
+    if score_norm not in SCORE_NORMS:
+        raise ValueError(f"score_norm must be one of {SCORE_NORMS}, got {score_norm!r}")
+    if prior_norm not in PRIOR_NORMS:
+        raise ValueError(f"prior_norm must be one of {PRIOR_NORMS}, got {prior_norm!r}")
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
+
+
+def _check_heads(num_q_heads: int, num_kv_heads: int) -> int:
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"q: the number of query heads ({num_q_heads}) must be a multiple of the number "
+            f"of KV heads ({num_kv_heads})")
+    return num_q_heads // num_kv_heads
+
+
+def _seq_lens_tensor(seq_lens, num_seqs: int, max_len: int, device) -> torch.Tensor:
+    if seq_lens is None:
+        return torch.full((num_seqs,), max_len, dtype=torch.long, device=device)
+    lens = torch.as_tensor(seq_lens, device=device).to(torch.long).reshape(-1)
+    if lens.numel() != num_seqs:
+        raise ValueError(f"seq_lens must have one entry per sequence ({num_seqs}), "
+                         f"got {lens.numel()}")
+    if num_seqs and (int(lens.min()) < 1 or int(lens.max()) > max_len):
+        raise ValueError(f"seq_lens must be in [1, {max_len}], got {lens.tolist()}")
+    return lens
+
+
+def _num_blocks(lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    return (lens + block_size - 1) // block_size
+
+
+# --------------------------------------------------------------------------------------
+# block summaries
+# --------------------------------------------------------------------------------------
+def block_summaries(k: torch.Tensor, block_size: int, seq_lens=None) -> torch.Tensor:
+    """Mean of the present keys of every block, contiguous cache.
+
+    k [num_seqs, Hk, L_max, D] -> fp32 [num_seqs, Hk, n_max, D], n_max = ceil(L_max / B);
+    blocks past a sequence's end are zero.
+    """
+    validate_dash_args(block_size=block_size)
+    S, Hk, L, D = k.shape
+    lens = _seq_lens_tensor(seq_lens, S, L, k.device)
+    n_max = -(-L // block_size)
+    pad = n_max * block_size - L
+    present = (torch.arange(n_max * block_size, device=k.device)[None, :] < lens[:, None])
+    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad))
+    kf = kf * present[:, None, :, None]
+    sums = kf.view(S, Hk, n_max, block_size, D).sum(3)
+    counts = present.view(S, n_max, block_size).sum(-1).float()
+    return sums / counts.clamp_min(1.0)[:, None, :, None]
+
+
+def block_summaries_paged(key_cache: torch.Tensor, block_table: torch.Tensor, seq_lens,
+                          num_blocks: Optional[int] = None) -> torch.Tensor:
+    """Mean of the present keys of every block, paged cache, indexed by physical block id.
+
+    key_cache [num_blocks, B, Hk, D], block_table [num_seqs, max_blocks] -> fp32
+    [num_blocks, Hk, D]. A block's fill is taken from the sequences that reference it
+    (a block shared through prefix caching is full in all of them); blocks no sequence
+    references stay zero. A summary is a pure function of the block's contents.
+    """
+    nb, B, Hk, D = key_cache.shape
+    num_blocks = nb if num_blocks is None else num_blocks
+    lens = _seq_lens_tensor(seq_lens, block_table.shape[0], block_table.shape[1] * B,
+                            key_cache.device)
+    fill = torch.zeros(num_blocks, dtype=torch.long, device=key_cache.device)
+    for s in range(block_table.shape[0]):
+        n = int(_num_blocks(lens[s], B))
+        ids = block_table[s, :n].long()
+        f = (lens[s] - torch.arange(n, device=key_cache.device) * B).clamp(max=B)
+        fill[ids] = torch.maximum(fill[ids], f)
+    present = torch.arange(B, device=key_cache.device)[None, :] < fill[:, None]
+    sums = (key_cache[:num_blocks].float() * present[:, :, None, None]).sum(1)
+    return sums / fill.clamp_min(1).float()[:, None, None]
+
+
+def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, seq_lens) -> torch.Tensor:
+    """Paged cache [num_blocks, B, Hk, D] -> contiguous [num_seqs, Hk, n_max * B, D] in
+    each sequence's logical order (slots past a sequence's end are zero)."""
+    nb, B, Hk, D = cache.shape
+    S = block_table.shape[0]
+    lens = _seq_lens_tensor(seq_lens, S, block_table.shape[1] * B, cache.device)
+    n_max = int(_num_blocks(lens.max(), B)) if S else 0
+    ids = block_table[:, :n_max].long().clamp(0, nb - 1)
+    out = cache[ids]                                   # [S, n_max, B, Hk, D]
+    out = out.reshape(S, n_max * B, Hk, D).permute(0, 2, 1, 3)
+    present = torch.arange(n_max * B, device=cache.device)[None, :] < lens[:, None]
+    return out * present[:, None, :, None].to(out.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# stage 1: block selection
+# --------------------------------------------------------------------------------------
+@dataclass
+class Selection:
+    """Stage-1 result for a batch of decode queries (n_max = most blocks of any sequence).
+
+    selected   bool  [S, Hk, n_max]  blocks stage 2 reads, per (sequence, KV head)
+    prior      fp32  [S, Hk, n_max]  pi_c (1 for forced/floor blocks, 0 where unselected)
+    probs      fp32  [S, Hq, n_max]  per-head entmax probabilities p_h
+    mean_probs fp32  [S, Hk, n_max]  GQA mean pbar
+    scores     fp32  [S, Hq, n_max]  z (after score_scale / score_norm; -inf past the end)
+    num_blocks long  [S]             n = ceil(L / B)
+    seq_lens   long  [S]
+    dense      bool  [S]             sequence shorter than dense_below (attends densely)
+    block_size int
+    """
+    selected: torch.Tensor
+    prior: torch.Tensor
+    probs: torch.Tensor
+    mean_probs: torch.Tensor
+    scores: torch.Tensor
+    num_blocks: torch.Tensor
+    seq_lens: torch.Tensor
+    dense: torch.Tensor
+    block_size: int
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Selected blocks per (sequence, KV head): long [S, Hk]."""
+        return self.selected.sum(-1)
+
+    def block_ids(self, block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Selected block ids per (sequence, KV head), ascending, padded with -1:
+        long [S, Hk, n_max]. Logical ids, or physical ids through ``block_table``."""
+        n_max = self.selected.shape[-1]
+        logical = torch.arange(n_max, device=self.selected.device).expand_as(self.selected)
+        if block_table is not None:
+            ids = block_table[:, :n_max].long()[:, None, :].expand_as(self.selected)
+        else:
+            ids = logical
+        key = torch.where(self.selected, logical, n_max + logical)  # selected first, in order
+        order = key.argsort(-1)
+        out = torch.where(self.selected, ids, torch.full_like(ids, -1)).gather(-1, order)
+        return out
+
+    def selected_tokens(self) -> torch.Tensor:
+        """Tokens in the selected blocks per (sequence, KV head): long [S, Hk]."""
+        B = self.block_size
+        n_max = self.selected.shape[-1]
+        c = torch.arange(n_max, device=self.selected.device)
+        tokens = (self.seq_lens[:, None] - c[None, :] * B).clamp(0, B)  # [S, n_max]
+        return (self.selected * tokens[:, None, :]).sum(-1)
+
+    def density(self) -> torch.Tensor:
+        """Selected tokens / context length per (sequence, KV head): fp32 [S, Hk]."""
+        return self.selected_tokens().float() / self.seq_lens[:, None].float()
+
+
+def select_blocks(q: torch.Tensor, summaries: torch.Tensor, seq_lens, *, block_size: int,
+                  alpha: float = 1.5, score_scale: float = 1.0, sink_blocks: int = 0,
+                  local_blocks: int = 0, max_blocks: Optional[int] = None,
+                  min_blocks: int = 0, dense_below: int = 0, score_norm: str = "none",
+                  prior_norm: str = "none", scale: Optional[float] = None) -> Selection:
+    """Stage 1 for decode queries q [S, Hq, D] against per-sequence block summaries
+    [S, Hk, n_max, D] (logical order). See the module docstring for the rules.
+
+    Details fixed here:
+      * standardize uses the population std over the sequence's blocks, floored at STD_EPS;
+      * local_blocks counts the last blocks including the current one;
+      * the floor (min_blocks) takes each head's highest z (ties: lower block id);
+      * the cap (max_blocks) keeps forced blocks first, then the largest pbar, then the
+        largest mean score of the group (floor blocks that entmax did not pick).
+    """
+    validate_dash_args(block_size=block_size, alpha=alpha, score_scale=score_scale,
+                       sink_blocks=sink_blocks, local_blocks=local_blocks,
+                       max_blocks=max_blocks, min_blocks=min_blocks,
+                       dense_below=dense_below, score_norm=score_norm,
+                       prior_norm=prior_norm, scale=scale)
+    S, Hq, D = q.shape
+    Hk, n_max = summaries.shape[1], summaries.shape[2]
+    G = _check_heads(Hq, Hk)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    lens = _seq_lens_tensor(seq_lens, S, n_max * block_size, q.device)
+    n = _num_blocks(lens, block_size)
+    c = torch.arange(n_max, device=q.device)
+    valid = c[None, :] < n[:, None]                                    # [S, n_max]
+
+    # scores u_hc = scale * q_h . kbar_c against the head's KV summaries
+    kbar = summaries.float().repeat_interleave(G, dim=1)               # [S, Hq, n_max, D]
+    u = scale * torch.einsum("shd,shcd->shc", q.float(), kbar)
+    if score_norm == "standardize":
+        w = valid[:, None, :].float()
+        mean = (u * w).sum(-1, keepdim=True) / n[:, None, None]
+        var = (((u - mean) * w) ** 2).sum(-1, keepdim=True) / n[:, None, None]
+        z = score_scale * (u - mean) / var.sqrt().clamp_min(STD_EPS)
+    else:
+        z = score_scale * u
+    z = z.masked_fill(~valid[:, None, :], float("-inf"))
+
+    p = entmax(z, alpha=alpha, dim=-1)                                 # [S, Hq, n_max]
+    pbar = p.view(S, Hk, G, n_max).mean(2)                             # [S, Hk, n_max]
+
+    forced = (c[None, :] == (n - 1)[:, None])                          # current block
+    forced |= c[None, :] < sink_blocks
+    forced |= c[None, :] >= (n - local_blocks)[:, None]
+    forced = (forced & valid)[:, None, :].expand(S, Hk, n_max).clone()
+
+    selected = (pbar > 0) | forced
+    if min_blocks > 0:
+        # each head's min_blocks highest z (ties: lower block id), union over the group
+        kk = min(min_blocks, n_max)
+        order = torch.sort(z, dim=-1, descending=True, stable=True).indices
+        floor_h = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, order[..., :kk], True)
+        floor_h &= valid[:, None, :]
+        floor = floor_h.view(S, Hk, G, n_max).any(2)
+    else:
+        floor = torch.zeros_like(forced)
+    selected |= floor
+    forced_or_floor = forced | floor
+
+    dense = lens < dense_below
+    if max_blocks is not None:
+        # rank: forced first, then pbar, then the group's mean score (two stable sorts)
+        group_score = torch.where(valid[:, None, :], z, torch.zeros_like(z))
+        group_score = group_score.view(S, Hk, G, n_max).mean(2)
+        order = torch.sort(group_score, dim=-1, descending=True, stable=True).indices
+        primary = (forced.float() * 2.0 + pbar).masked_fill(~selected, -1.0)
+        order = order.gather(-1, torch.sort(primary.gather(-1, order), dim=-1,
+                                            descending=True, stable=True).indices)
+        keep = torch.zeros_like(selected).scatter_(-1, order[..., :max_blocks], True)
+        selected &= keep
+        forced_or_floor &= selected
+    selected &= valid[:, None, :]
+
+    if prior_norm == "max":
+        pmax = pbar.amax(-1, keepdim=True).clamp_min(torch.finfo(pbar.dtype).tiny)
+        prior = pbar / pmax
+    else:
+        prior = pbar.clone()
+    prior = torch.where(forced_or_floor, torch.ones_like(prior), prior)
+    # dense_below: the whole sequence, flat prior
+    selected = torch.where(dense[:, None, None], valid[:, None, :].expand_as(selected), selected)
+    prior = torch.where(dense[:, None, None] & valid[:, None, :], torch.ones_like(prior), prior)
+    prior = torch.where(selected, prior, torch.zeros_like(prior))
+    return Selection(selected=selected, prior=prior, probs=p.float(), mean_probs=pbar.float(),
+                     scores=z, num_blocks=n, seq_lens=lens, dense=dense,
+                     block_size=block_size)
+
+
+# --------------------------------------------------------------------------------------
+# stage 2: softmax over the selected tokens with the log-prior
+# --------------------------------------------------------------------------------------
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection,
+                     *, prior_weight: float = 1.0, scale: Optional[float] = None) -> torch.Tensor:
+    """Stage 2 on a contiguous cache: q [S, Hq, D], k/v [S, Hk, L_max, D] -> [S, Hq, D]
+    (q's dtype; computed in fp32)."""
+    validate_dash_args(block_size=selection.block_size, prior_weight=prior_weight, scale=scale)
+    S, Hq, D = q.shape
+    Hk, L = k.shape[1], k.shape[2]
+    G = _check_heads(Hq, Hk)
+    B = selection.block_size
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    n_max = selection.selected.shape[-1]
+    pos = torch.arange(L, device=q.device)
+    blk = (pos // B).clamp_max(n_max - 1)
+    present = pos[None, :] < selection.seq_lens[:, None]                     # [S, L]
+    tok_sel = selection.selected[:, :, blk] & present[:, None, :]            # [S, Hk, L]
+    tok_prior = selection.prior[:, :, blk]
+    log_prior = torch.where(tok_sel, tok_prior.clamp_min(torch.finfo(torch.float32).tiny).log(),
+                            torch.zeros_like(tok_prior))
+    kf = k.float().repeat_interleave(G, dim=1)                               # [S, Hq, L, D]
+    vf = v.float().repeat_interleave(G, dim=1)
+    logits = scale * torch.einsum("shd,shld->shl", q.float(), kf)
+    logits = logits + prior_weight * log_prior.repeat_interleave(G, dim=1)
+    logits = logits.masked_fill(~tok_sel.repeat_interleave(G, dim=1), float("-inf"))
+    a = torch.softmax(logits, dim=-1)
+    return torch.einsum("shl,shld->shd", a, vf).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# whole decode step
+# --------------------------------------------------------------------------------------
+def _info(sel: Selection, block_table: Optional[torch.Tensor] = None) -> dict:
+    return {
+        "selection": sel,
+        "block_ids": sel.block_ids(block_table),      # [S, Hk, n_max], -1 padded
+        "counts": sel.counts,                         # [S, Hk]
+        "num_blocks": sel.num_blocks,                 # [S]
+        "selected_tokens": sel.selected_tokens(),     # [S, Hk]
+        "density": sel.density(),                     # [S, Hk]
+        "prior": sel.prior,                           # [S, Hk, n_max]
+    }
+
+
+def dash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
+                   alpha: float = 1.5, score_scale: float = 1.0, prior_weight: float = 1.0,
+                   sink_blocks: int = 0, local_blocks: int = 0,
+                   max_blocks: Optional[int] = None, min_blocks: int = 0,
+                   dense_below: int = 0, score_norm: str = "none", prior_norm: str = "none",
+                   scale: Optional[float] = None, seq_lens=None, lengths=None):
+    """One DASH decode step on a contiguous cache.
+
+    q [S, Hq, D]; k, v [S, Hk, L_max, D]; ``seq_lens`` (alias ``lengths``) [S] per-sequence
+    context lengths (default: all L_max). Returns ``(out [S, Hq, D], info)``; info holds the
+    :class:`Selection` and, per (sequence, KV head), ``block_ids`` (logical, ascending, -1
+    padded), ``counts``, ``selected_tokens`` and ``density`` (selected tokens / context).
+    """
+    if lengths is not None:
+        if seq_lens is not None:
+            raise ValueError("pass seq_lens or its alias lengths, not both")
+        seq_lens = lengths
+    validate_dash_args(block_size=block_size, alpha=alpha, score_scale=score_scale,
+                       prior_weight=prior_weight, sink_blocks=sink_blocks,
+                       local_blocks=local_blocks, max_blocks=max_blocks,
+                       min_blocks=min_blocks, dense_below=dense_below,
+                       score_norm=score_norm, prior_norm=prior_norm, scale=scale)
+    _check_shapes(q, k, v)
+    lens = _seq_lens_tensor(seq_lens, q.shape[0], k.shape[2], q.device)
+    kbar = block_summaries(k, block_size, lens)
+    sel = select_blocks(q, kbar, lens, block_size=block_size, alpha=alpha,
+                        score_scale=score_scale, sink_blocks=sink_blocks,
+                        local_blocks=local_blocks, max_blocks=max_blocks,
+                        min_blocks=min_blocks, dense_below=dense_below,
+                        score_norm=score_norm, prior_norm=prior_norm, scale=scale)
+    out = sparse_attention(q, k, v, sel, prior_weight=prior_weight, scale=scale)
+    return out, _info(sel)
+
+
+def dash_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                         block_table: torch.Tensor, seq_lens, *, block_size: Optional[int] = None,
+                         summaries: Optional[torch.Tensor] = None, alpha: float = 1.5,
+                         score_scale: float = 1.0, prior_weight: float = 1.0,
+                         sink_blocks: int = 0, local_blocks: int = 0,
+                         max_blocks: Optional[int] = None, min_blocks: int = 0,
+                         dense_below: int = 0, score_norm: str = "none",
+                         prior_norm: str = "none", scale: Optional[float] = None):
+    """One DASH decode step on vLLM's paged layout.
+
+    q [S, Hq, D]; key_cache/value_cache [num_blocks, B, Hk, D]; block_table [S, max_blocks]
+    (physical ids; entries past a sequence's blocks are ignored); seq_lens [S].
+    ``summaries`` [num_blocks, Hk, D] are the maintained block summaries (computed from the
+    cache when omitted). Same result and info as :func:`dash_attention`, with
+    ``block_ids`` physical.
+    """
+    B = key_cache.shape[1]
+    if block_size is not None and block_size != B:
+        raise ValueError(f"block_size ({block_size}) does not match the cache's block "
+                         f"dimension ({B})")
+    validate_dash_args(block_size=B, alpha=alpha, score_scale=score_scale,
+                       prior_weight=prior_weight, sink_blocks=sink_blocks,
+                       local_blocks=local_blocks, max_blocks=max_blocks,
+                       min_blocks=min_blocks, dense_below=dense_below,
+                       score_norm=score_norm, prior_norm=prior_norm, scale=scale)
+    if key_cache.shape != value_cache.shape:
+        raise ValueError(f"value_cache shape {tuple(value_cache.shape)} differs from "
+                         f"key_cache shape {tuple(key_cache.shape)}")
+    if q.dim() != 3 or key_cache.dim() != 4 or q.shape[-1] != key_cache.shape[-1]:
+        raise ValueError(f"q must be [S, Hq, D] and the caches [num_blocks, B, Hk, D] with the "
+                         f"same D, got q {tuple(q.shape)}, key_cache {tuple(key_cache.shape)}")
+    if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
+        raise ValueError(f"block_table must be [num_seqs={q.shape[0]}, max_blocks], got "
+                         f"{tuple(block_table.shape)}")
+    _check_heads(q.shape[1], key_cache.shape[2])
+    lens = _seq_lens_tensor(seq_lens, q.shape[0], block_table.shape[1] * B, q.device)
+    if summaries is None:
+        summaries = block_summaries_paged(key_cache, block_table, lens)
+    k = gather_paged(key_cache, block_table, lens)
+    v = gather_paged(value_cache, block_table, lens)
+    n_max = k.shape[2] // B
+    ids = block_table[:, :n_max].long().clamp(0, summaries.shape[0] - 1)
+    kbar = summaries[ids].permute(0, 2, 1, 3)                # [S, Hk, n_max, D]
+    sel = select_blocks(q, kbar, lens, block_size=B, alpha=alpha, score_scale=score_scale,
+                        sink_blocks=sink_blocks, local_blocks=local_blocks,
+                        max_blocks=max_blocks, min_blocks=min_blocks,
+                        dense_below=dense_below, score_norm=score_norm,
+                        prior_norm=prior_norm, scale=scale)
+    out = sparse_attention(q, k, v, sel, prior_weight=prior_weight, scale=scale)
+    return out, _info(sel, block_table)
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 3:
+        raise ValueError(f"q must be [num_seqs, Hq, D], got shape {tuple(q.shape)}")
+    if k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"k and v must both be [num_seqs, Hk, L, D], got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} "
+                         f"(num_seqs and D must agree)")
+    _check_heads(q.shape[1], k.shape[1])

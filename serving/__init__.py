@@ -1,0 +1,1 @@
+"""Serving pieces (imported as `vllm_dash.serving`): launcher, metrics, embedded model."""
