@@ -92,10 +92,12 @@ def _prepare(x: torch.Tensor, alpha: float):
     replaced by -2 (still outside) to keep every later sum finite. Rows that are entirely
     -inf are flagged and produce all zeros.
     """
-    y = x.to(_compute_dtype(x.dtype)) * (alpha - 1.0)
-    m = y.amax(dim=-1, keepdim=True)
+    xc = x.to(_compute_dtype(x.dtype))
+    m = xc.amax(dim=-1, keepdim=True)
     empty = torch.isneginf(m)
-    y = torch.where(empty, torch.zeros_like(y), y - torch.where(empty, torch.zeros_like(m), m))
+    # shift first (exact for entries near the max), then scale: no rounding of large values
+    y = (xc - torch.where(empty, torch.zeros_like(m), m)) * (alpha - 1.0)
+    y = torch.where(empty, torch.zeros_like(y), y)
     y = y.clamp_min(-2.0)
     return y, empty
 

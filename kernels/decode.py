@@ -1,0 +1,494 @@
+"""Stage 2 of DASH decode on vLLM's paged KV cache (DESIGN.md §3 stage 2, §4 kernel 3).
+
+Split-KV flash-decoding over a COMPACTED list of selected blocks, then a reduce kernel.
+
+Inputs per (sequence s, KV head h), as written by stage 1 (``select.py``) or by
+:func:`fill_dense_selection` for the dense path:
+
+  block_ids [S_cap, Hk, max_blocks] int32  selected PHYSICAL block ids, ascending logical order;
+                                           entry ``counts - 1`` is the current (last, possibly
+                                           partial) block, every other listed block is full;
+  log_prior [S_cap, Hk, max_blocks] fp32   log pi of each listed block (finite);
+  counts    [S_cap, Hk]             int32  number of listed blocks (0: no output, zeros).
+
+Math (per query head of the group, over the tokens i of the listed blocks):
+  logit_i = scale * q . k_i + prior_weight * log_prior[c(i)];  out = softmax(logit) @ V,
+which is :func:`reference.sparse_attention` given the same selection.
+
+Kernels
+  * ``_split_kernel``: grid (S, Hk, num_splits). Program (s, h, j) takes the contiguous chunk
+    ``[j*chunk, min((j+1)*chunk, count))`` of the list, ``chunk = ceil(count / num_splits)``
+    rounded up to whole tiles, so the number of splits actually used adapts to the count on
+    the device (empty programs store lse = -inf and no output). Each iteration loads one tile
+    of ``BPI`` listed blocks (``BPI * B >= 64`` tokens) of K and V ONCE for all G query heads
+    of the group: ``tl.dot`` with the G heads padded to >= 16 rows, fp32 accumulation, online
+    softmax in base 2. With one split it writes ``out`` directly (no reduce).
+  * ``_reduce_kernel``: grid (S, Hq); combines the splits' normalised partial outputs with
+    their log-sum-exps.
+
+No host sync, no allocation when a :class:`DecodeWorkspace` is given, grids fixed by shapes
+(capacities), so a call can be captured in a CUDA graph and replayed with new contents.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "DecodeWorkspace",
+    "sparse_decode",
+    "sparse_decode_torch",
+    "fill_dense_selection",
+    "choose_num_splits",
+    "MAX_SPLITS",
+]
+
+#: Upper bound on the automatic number of splits.
+MAX_SPLITS = 64
+#: Automatic splitting keeps at least this many listed tokens (capacity) per split.
+MIN_TOKENS_PER_SPLIT = 256
+#: Tile height in tokens (several small blocks are packed into one tile).
+_TILE_TOKENS = 64
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, ids_ptr, lp_ptr, cnt_ptr, len_ptr,
+    out_ptr, po_ptr, plse_ptr,
+    stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_is, stride_ih, stride_ic,
+    stride_ls, stride_lh, stride_lc,
+    stride_cs, stride_ch,
+    stride_os, stride_oh, stride_od,
+    stride_pos, stride_poh, stride_poj,
+    stride_pls, stride_plh,
+    qk_scale, prior_scale, max_blocks, num_splits,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    B: tl.constexpr, BPI: tl.constexpr, USE_PRIOR: tl.constexpr, IEEE: tl.constexpr,
+    DOT_F32: tl.constexpr, DIRECT: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    j = tl.program_id(2)
+    N: tl.constexpr = BPI * B
+
+    count = tl.load(cnt_ptr + s * stride_cs + h * stride_ch).to(tl.int32)
+    count = tl.minimum(count, max_blocks)
+    seq_len = tl.load(len_ptr + s).to(tl.int32)
+    n_blocks = (seq_len + B - 1) // B
+    last_fill = seq_len - (n_blocks - 1) * B            # valid tokens of the current block
+    # contiguous chunk of the list, rounded up to whole tiles
+    chunk = (count + num_splits - 1) // num_splits
+    chunk = ((chunk + BPI - 1) // BPI) * BPI
+    start = j * chunk
+    end = tl.minimum(start + chunk, count)
+
+    g = tl.arange(0, GP)
+    d = tl.arange(0, DP)
+    g_ok = g < G
+    d_ok = d < D
+    tok = tl.arange(0, N)
+    slot = tok % B
+    head = h * G + g                                      # query heads of the group
+
+    q = tl.load(q_ptr + s * stride_qs + head[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)
+
+    ids_row = ids_ptr + s.to(tl.int64) * stride_is + h * stride_ih
+    lp_row = lp_ptr + s.to(tl.int64) * stride_ls + h * stride_lh
+    k_head = k_ptr + h.to(tl.int64) * stride_kh
+    v_head = v_ptr + h.to(tl.int64) * stride_vh
+
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, DP], tl.float32)
+
+    for i0 in tl.range(start, end, BPI, num_stages=NUM_STAGES):
+        if BPI == 1:
+            # one block per tile: uniform (scalar) id, prior and fill
+            bid = tl.load(ids_row + i0 * stride_ic).to(tl.int64)
+            fill = tl.where(i0 == count - 1, last_fill, B)
+            t_ok = slot < fill
+            k_row = k_head + bid * stride_kb + slot * stride_kt
+            v_row = v_head + bid * stride_vb + slot * stride_vt
+        else:
+            e = i0 + tok // B                             # list entry of each token
+            e_ok = e < end
+            bid = tl.load(ids_row + e * stride_ic, mask=e_ok, other=0).to(tl.int64)
+            fill = tl.where(e == count - 1, last_fill, B)
+            t_ok = e_ok & (slot < fill)
+            k_row = k_head + bid * stride_kb + slot * stride_kt
+            v_row = v_head + bid * stride_vb + slot * stride_vt
+        kv_mask = t_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_row[:, None] + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        elif DOT_F32:
+            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        sc = qk * qk_scale                                # [GP, N], base-2 logits
+        if USE_PRIOR:
+            if BPI == 1:
+                lp = tl.load(lp_row + i0 * stride_lc)
+                sc = sc + lp * prior_scale
+            else:
+                lp = tl.load(lp_row + e * stride_lc, mask=e_ok, other=0.0)
+                sc = sc + (lp * prior_scale)[None, :]
+        sc = tl.where(t_ok[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))            # finite: every tile has a valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_row[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        elif DOT_F32:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    l_ok = l_i > 0.0
+    l_safe = tl.where(l_ok, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if DIRECT:
+        tl.store(out_ptr + s * stride_os + head[:, None] * stride_oh + d[None, :] * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        lse = tl.where(l_ok, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(plse_ptr + s * stride_pls + head * stride_plh + j, lse, mask=g_ok)
+        tl.store(po_ptr + s * stride_pos + head[:, None] * stride_poh + j * stride_poj
+                 + d[None, :], o, mask=(g_ok & l_ok)[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _reduce_kernel(
+    po_ptr, plse_ptr, out_ptr,
+    stride_pos, stride_poh, stride_poj,
+    stride_pls, stride_plh,
+    stride_os, stride_oh, stride_od,
+    num_splits,
+    D: tl.constexpr, DP: tl.constexpr, SP: tl.constexpr,
+):
+    s = tl.program_id(0)
+    hq = tl.program_id(1)
+    jj = tl.arange(0, SP)
+    d = tl.arange(0, DP)
+    d_ok = d < D
+    lse = tl.load(plse_ptr + s * stride_pls + hq * stride_plh + jj, mask=jj < num_splits,
+                  other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)                                  # 0 for empty splits
+    used = lse > float("-inf")
+    o = tl.load(po_ptr + s * stride_pos + hq * stride_poh + jj[:, None] * stride_poj + d[None, :],
+                mask=used[:, None] & d_ok[None, :], other=0.0)
+    num = tl.sum(w[:, None] * o, 0)
+    den = tl.sum(w, 0)
+    res = num / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + s * stride_os + hq * stride_oh + d * stride_od,
+             res.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _fill_dense_kernel(
+    bt_ptr, len_ptr, ids_ptr, lp_ptr, cnt_ptr,
+    stride_bts, stride_btc,
+    stride_is, stride_ih, stride_ic,
+    stride_ls, stride_lh, stride_lc,
+    stride_cs, stride_ch,
+    ncols, Hk,
+    B: tl.constexpr, BLOCK: tl.constexpr,
+):
+    s = tl.program_id(0)
+    c0 = tl.program_id(1) * BLOCK
+    c = c0 + tl.arange(0, BLOCK)
+    seq_len = tl.load(len_ptr + s).to(tl.int32)
+    n = (seq_len + B - 1) // B
+    ok = c < ncols
+    row = tl.load(bt_ptr + s.to(tl.int64) * stride_bts + c * stride_btc, mask=ok & (c < n),
+                  other=0)
+    for h in range(0, Hk):
+        tl.store(ids_ptr + s.to(tl.int64) * stride_is + h * stride_ih + c * stride_ic,
+                 row.to(ids_ptr.dtype.element_ty), mask=ok)
+        tl.store(lp_ptr + s.to(tl.int64) * stride_ls + h * stride_lh + c * stride_lc,
+                 tl.zeros([BLOCK], tl.float32).to(lp_ptr.dtype.element_ty), mask=ok)
+        if c0 == 0:
+            tl.store(cnt_ptr + s * stride_cs + h * stride_ch, n.to(cnt_ptr.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------
+class DecodeWorkspace:
+    """Split-KV partials, sized once from capacities (allocate before CUDA-graph capture).
+
+    partial_out fp32 [max_num_seqs, num_q_heads, max_splits, head_size]  (normalised per split)
+    partial_lse fp32 [max_num_seqs, num_q_heads, max_splits]             (base-2 log-sum-exp)
+    """
+
+    def __init__(self, max_num_seqs: int, num_q_heads: int, head_size: int,
+                 max_splits: int = MAX_SPLITS, device=None):
+        if min(max_num_seqs, num_q_heads, head_size, max_splits) < 1:
+            raise ValueError("DecodeWorkspace: every capacity must be >= 1, got "
+                             f"max_num_seqs={max_num_seqs}, num_q_heads={num_q_heads}, "
+                             f"head_size={head_size}, max_splits={max_splits}")
+        self.max_num_seqs = int(max_num_seqs)
+        self.num_q_heads = int(num_q_heads)
+        self.head_size = int(head_size)
+        self.max_splits = int(max_splits)
+        self.partial_out = torch.empty(max_num_seqs, num_q_heads, max_splits, head_size,
+                                       dtype=torch.float32, device=device)
+        self.partial_lse = torch.empty(max_num_seqs, num_q_heads, max_splits,
+                                       dtype=torch.float32, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.partial_out.device
+
+    def nbytes(self) -> int:
+        return (self.partial_out.numel() + self.partial_lse.numel()) * 4
+
+    def check(self, num_seqs: int, num_q_heads: int, head_size: int, num_splits: int) -> None:
+        if (num_seqs > self.max_num_seqs or num_q_heads != self.num_q_heads
+                or head_size != self.head_size or num_splits > self.max_splits):
+            raise ValueError(
+                f"workspace (max_num_seqs={self.max_num_seqs}, num_q_heads={self.num_q_heads}, "
+                f"head_size={self.head_size}, max_splits={self.max_splits}) does not fit "
+                f"num_seqs={num_seqs}, num_q_heads={num_q_heads}, head_size={head_size}, "
+                f"num_splits={num_splits}")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_num_splits(*, num_seqs: int, num_kv_heads: int, max_blocks_per_seq: int,
+                      block_size: int, device=None, max_splits: Optional[int] = None) -> int:
+    """Splits per (sequence, KV head) so that the grid fills ~2x the device's SMs.
+
+    Depends only on shapes/capacities (never on device data), so it is the same at CUDA-graph
+    capture and replay. Each split keeps at least MIN_TOKENS_PER_SPLIT tokens of capacity.
+    On CPU (Triton interpreter) it returns at most 2.
+    """
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        target = 2 * _sm_count(idx)
+        cap = MAX_SPLITS
+    else:
+        target, cap = 2, 2
+    programs = max(1, num_seqs * num_kv_heads)
+    ns = -(-target // programs)
+    per_split = max(1, MIN_TOKENS_PER_SPLIT // block_size)
+    ns = min(ns, max(1, -(-max_blocks_per_seq // per_split)), cap)
+    if max_splits is not None:
+        ns = min(ns, max_splits)
+    return max(1, int(ns))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _check_args(q, key_cache, value_cache, block_ids, log_prior, counts, seq_lens, out,
+                block_size):
+    if q.dim() != 3:
+        raise ValueError(f"q must be [num_seqs, Hq, D], got {tuple(q.shape)}")
+    S, Hq, D = q.shape
+    if key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
+        raise ValueError(f"key_cache/value_cache must be 4-D [num_blocks, B, Hk, D] views of "
+                         f"the same shape, got {tuple(key_cache.shape)} and "
+                         f"{tuple(value_cache.shape)}")
+    _, B, Hk, Dk = key_cache.shape
+    if B != block_size:
+        raise ValueError(f"block_size ({block_size}) does not match the cache's block "
+                         f"dimension ({B})")
+    if Dk != D:
+        raise ValueError(f"head size of q ({D}) and of the cache ({Dk}) differ")
+    if Hk < 1 or Hq % Hk:
+        raise ValueError(f"number of query heads ({Hq}) must be a multiple of the number of "
+                         f"KV heads ({Hk})")
+    if block_ids.dim() != 3 or block_ids.shape[0] < S or block_ids.shape[1] != Hk:
+        raise ValueError(f"block_ids must be [S_cap >= {S}, Hk={Hk}, max_blocks], got "
+                         f"{tuple(block_ids.shape)}")
+    if log_prior.shape != block_ids.shape:
+        raise ValueError(f"log_prior shape {tuple(log_prior.shape)} must equal block_ids "
+                         f"shape {tuple(block_ids.shape)}")
+    if counts.dim() != 2 or counts.shape[0] < S or counts.shape[1] != Hk:
+        raise ValueError(f"counts must be [S_cap >= {S}, Hk={Hk}], got {tuple(counts.shape)}")
+    if seq_lens.dim() != 1 or seq_lens.shape[0] < S:
+        raise ValueError(f"seq_lens must be [>= {S}], got {tuple(seq_lens.shape)}")
+    if out.shape != q.shape:
+        raise ValueError(f"out shape {tuple(out.shape)} must equal q shape {tuple(q.shape)}")
+    if block_ids.dtype not in (torch.int32, torch.int64) or \
+            counts.dtype not in (torch.int32, torch.int64):
+        raise ValueError("block_ids and counts must be int32 (or int64) tensors")
+    return S, Hq, D, B, Hk
+
+
+def sparse_decode(*, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                  block_ids: torch.Tensor, log_prior: torch.Tensor, counts: torch.Tensor,
+                  seq_lens: torch.Tensor, out: torch.Tensor, block_size: int,
+                  scale: Optional[float] = None, prior_weight: float = 1.0,
+                  num_splits: Optional[int] = None,
+                  workspace: Optional[DecodeWorkspace] = None,
+                  num_warps: Optional[int] = None, num_stages: Optional[int] = None
+                  ) -> torch.Tensor:
+    """DASH stage 2 on a paged cache over compacted selections; writes and returns ``out``.
+
+    q [S, Hq, D] (fp16/bf16/fp32); key_cache/value_cache indexed [block, slot, head, dim]
+    through their strides (NHD cache, or a head-major cache's ``.transpose(1, 2)`` view);
+    block_ids/log_prior [S_cap, Hk, max_blocks]; counts [S_cap, Hk]; seq_lens [>= S];
+    out [S, Hq, D]. ``num_splits`` None: :func:`choose_num_splits` (capped by the
+    workspace). ``num_warps``/``num_stages``: launch tuning (defaults by shape).
+    """
+    S, Hq, D, B, Hk = _check_args(q, key_cache, value_cache, block_ids, log_prior, counts,
+                                  seq_lens, out, block_size)
+    G = Hq // Hk
+    if S == 0:
+        return out
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    max_blocks = block_ids.shape[2]
+    if num_splits is None:
+        num_splits = choose_num_splits(
+            num_seqs=S, num_kv_heads=Hk, max_blocks_per_seq=max_blocks, block_size=B,
+            device=q.device, max_splits=workspace.max_splits if workspace is not None else None)
+    num_splits = int(num_splits)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    direct = num_splits == 1
+    if direct:
+        po, plse = out, out                          # unused
+        spo = (0, 0, 0)
+        spl = (0, 0)
+    else:
+        if workspace is None:
+            workspace = DecodeWorkspace(S, Hq, D, num_splits, device=q.device)
+        workspace.check(S, Hq, D, num_splits)
+        po, plse = workspace.partial_out, workspace.partial_lse
+        spo = po.stride()[:3]
+        spl = plse.stride()[:2]
+
+    GP = max(16, _next_pow2(G))
+    DP = max(16, _next_pow2(D))
+    BPI = max(1, _TILE_TOKENS // B)
+    ieee = key_cache.dtype == torch.float32
+    # Triton 3.6's interpreter multiplies the raw uint16 storage of bf16 operands in tl.dot;
+    # under the interpreter only, bf16 operands are widened to fp32 after the same roundings.
+    dot_f32 = _interpreting() and key_cache.dtype == torch.bfloat16
+    if num_warps is None:
+        num_warps = 4 if BPI * B * DP <= 64 * 128 else 8
+    if num_stages is None:
+        num_stages = 2
+    use_prior = float(prior_weight) != 0.0
+
+    _split_kernel[(S, Hk, num_splits)](
+        q, key_cache, value_cache, block_ids, log_prior, counts, seq_lens,
+        out, po, plse,
+        *q.stride(), *key_cache.stride(), *value_cache.stride(),
+        *block_ids.stride(), *log_prior.stride(), *counts.stride(), *out.stride(),
+        *spo, *spl,
+        scale * _LOG2E, float(prior_weight) * _LOG2E, max_blocks, num_splits,
+        G=G, GP=GP, D=D, DP=DP, B=B, BPI=BPI, USE_PRIOR=use_prior, IEEE=ieee, DOT_F32=dot_f32,
+        DIRECT=direct, NUM_STAGES=num_stages, num_warps=num_warps,
+    )
+    if not direct:
+        _reduce_kernel[(S, Hq)](
+            po, plse, out, *spo, *spl, *out.stride(), num_splits,
+            D=D, DP=DP, SP=max(2, _next_pow2(num_splits)), num_warps=4,
+        )
+    return out
+
+
+def fill_dense_selection(*, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                         num_kv_heads: int, block_size: int, out_block_ids: torch.Tensor,
+                         out_log_prior: torch.Tensor, out_counts: torch.Tensor) -> None:
+    """Dense path: every block of each sequence selected, log prior 0, for every KV head.
+
+    block_table [S, max_blocks] physical ids; seq_lens [S]. Writes rows ``[:S]`` of
+    out_block_ids/out_log_prior [S_cap, Hk, M] (columns ``min(M, max_blocks)``, entries past a
+    sequence's ``ceil(seq_len / B)`` blocks are written as 0 and ignored) and out_counts
+    [S_cap, Hk] = ceil(seq_len / B). One small Triton kernel; no host sync.
+    """
+    S = block_table.shape[0]
+    if S == 0:
+        return
+    Hk = int(num_kv_heads)
+    if out_block_ids.dim() != 3 or out_block_ids.shape[0] < S or out_block_ids.shape[1] != Hk \
+            or out_log_prior.shape != out_block_ids.shape or out_counts.dim() != 2 \
+            or out_counts.shape[0] < S or out_counts.shape[1] != Hk:
+        raise ValueError(
+            f"fill_dense_selection: outputs must be [S_cap >= {S}, Hk={Hk}, M] (ids, log "
+            f"prior) and [S_cap, Hk] (counts), got {tuple(out_block_ids.shape)}, "
+            f"{tuple(out_log_prior.shape)}, {tuple(out_counts.shape)}")
+    ncols = min(out_block_ids.shape[2], block_table.shape[1])
+    BLOCK = min(1024, max(16, _next_pow2(ncols)))
+    _fill_dense_kernel[(S, triton.cdiv(ncols, BLOCK))](
+        block_table, seq_lens, out_block_ids, out_log_prior, out_counts,
+        *block_table.stride(), *out_block_ids.stride(), *out_log_prior.stride(),
+        *out_counts.stride(), ncols, Hk, B=block_size, BLOCK=BLOCK,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# torch twin (readable; used by the tests)
+# --------------------------------------------------------------------------------------
+def sparse_decode_torch(*, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                        block_ids: torch.Tensor, log_prior: torch.Tensor, counts: torch.Tensor,
+                        seq_lens: torch.Tensor, out: torch.Tensor, block_size: int,
+                        scale: Optional[float] = None, prior_weight: float = 1.0,
+                        num_splits: Optional[int] = None,
+                        workspace: Optional[DecodeWorkspace] = None, **_unused) -> torch.Tensor:
+    """Same arguments and result as :func:`sparse_decode` (num_splits/workspace ignored):
+    gather the listed blocks of each (sequence, KV head), drop the current block's unwritten
+    slots, and run plain softmax attention in fp32. Host-syncing; for tests only."""
+    S, Hq, D, B, Hk = _check_args(q, key_cache, value_cache, block_ids, log_prior, counts,
+                                  seq_lens, out, block_size)
+    G = Hq // Hk
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    cnt = counts[:S].long().clamp(max=block_ids.shape[2]).cpu()
+    lens = seq_lens[:S].long().cpu()
+    for s in range(S):
+        L = int(lens[s])
+        last_fill = L - (-(-L // B) - 1) * B
+        for h in range(Hk):
+            n = int(cnt[s, h])
+            qh = q[s, h * G:(h + 1) * G].float()                       # [G, D]
+            if n == 0:
+                out[s, h * G:(h + 1) * G] = 0
+                continue
+            ids = block_ids[s, h, :n].long()
+            k = key_cache[ids, :, h, :].float().reshape(n * B, D)       # [n*B, D]
+            v = value_cache[ids, :, h, :].float().reshape(n * B, D)
+            keep = torch.ones(n, B, dtype=torch.bool, device=q.device)
+            keep[n - 1, last_fill:] = False
+            keep = keep.reshape(-1)
+            k, v = k[keep], v[keep]
+            tok_lp = log_prior[s, h, :n].float().repeat_interleave(B)[keep]
+            logits = scale * (qh @ k.T)
+            if prior_weight != 0.0:
+                logits = logits + prior_weight * tok_lp[None, :]
+            a = torch.softmax(logits, dim=-1)
+            out[s, h * G:(h + 1) * G] = (a @ v).to(out.dtype)
+    return out
