@@ -277,7 +277,7 @@ def block_summaries(k: torch.Tensor, block_size: int, seq_lens=None) -> torch.Te
     pad = n_max * block_size - L
     present = (torch.arange(n_max * block_size, device=k.device)[None, :] < lens[:, None])
     kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad))
-    kf = kf * present[:, None, :, None]
+    kf = torch.where(present[:, None, :, None], kf, 0.0)   # slots past the end may hold NaN
     sums = kf.view(S, Hk, n_max, block_size, D).sum(3)
     counts = present.view(S, n_max, block_size).sum(-1).float()
     return sums / counts.clamp_min(1.0)[:, None, :, None]
@@ -303,7 +303,7 @@ def block_summaries_paged(key_cache: torch.Tensor, block_table: torch.Tensor, se
         f = (lens[s] - torch.arange(n, device=key_cache.device) * B).clamp(max=B)
         fill[ids] = torch.maximum(fill[ids], f)
     present = torch.arange(B, device=key_cache.device)[None, :] < fill[:, None]
-    sums = (key_cache[:num_blocks].float() * present[:, :, None, None]).sum(1)
+    sums = torch.where(present[:, :, None, None], key_cache[:num_blocks].float(), 0.0).sum(1)
     return sums / fill.clamp_min(1).float()[:, None, None]
 
 
@@ -318,7 +318,7 @@ def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, seq_lens) -> to
     out = cache[ids]                                   # [S, n_max, B, Hk, D]
     out = out.reshape(S, n_max * B, Hk, D).permute(0, 2, 1, 3)
     present = torch.arange(n_max * B, device=cache.device)[None, :] < lens[:, None]
-    return out * present[:, None, :, None].to(out.dtype)
+    return torch.where(present[:, None, :, None], out, torch.zeros((), dtype=out.dtype))
 
 
 # --------------------------------------------------------------------------------------
@@ -492,8 +492,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selectio
     tok_prior = selection.prior[:, :, blk]
     log_prior = torch.where(tok_sel, tok_prior.clamp_min(torch.finfo(torch.float32).tiny).log(),
                             torch.zeros_like(tok_prior))
-    kf = k.float().repeat_interleave(G, dim=1)                               # [S, Hq, L, D]
-    vf = v.float().repeat_interleave(G, dim=1)
+    # unselected / absent slots are zeroed (not multiplied: they may hold NaN)
+    kf = torch.where(tok_sel[..., None], k.float(), 0.0).repeat_interleave(G, dim=1)
+    vf = torch.where(tok_sel[..., None], v.float(), 0.0).repeat_interleave(G, dim=1)
     logits = scale * torch.einsum("shd,shld->shl", q.float(), kf)
     logits = logits + prior_weight * log_prior.repeat_interleave(G, dim=1)
     logits = logits.masked_fill(~tok_sel.repeat_interleave(G, dim=1), float("-inf"))

@@ -293,3 +293,26 @@ def test_invalid_shapes_name_the_argument():
     with pytest.raises(ValueError, match="block_size"):
         kc, vc, table = to_paged(k, v, lens, 16)
         R.dash_attention_paged(q, kc, vc, table, lens, block_size=32)
+
+
+def test_garbage_in_unwritten_slots_is_ignored():
+    """Slots past a sequence's end (the tail of the current block, unused blocks) may hold
+    anything, NaN included: nothing of it reaches the output or the summaries."""
+    q, k, v, lens = make_inputs(21, 3, 4, 2, 70, 32, lens=[70, 37, 5])
+    kc, vc, table = to_paged(k, v, lens, 16)
+    out, _ = R.dash_attention_paged(q, kc, vc, table, lens, score_scale=2.0)
+    for s in range(3):
+        n = -(-int(lens[s]) // 16)
+        last = table[s, n - 1]
+        fill = int(lens[s]) - (n - 1) * 16
+        kc[last, fill:] = float("nan")
+        vc[last, fill:] = float("nan")
+    out_nan, info = R.dash_attention_paged(q, kc, vc, table, lens, score_scale=2.0)
+    assert torch.isfinite(out_nan).all()
+    torch.testing.assert_close(out_nan, out)
+    kn, vn = k.clone(), v.clone()
+    for s in range(3):
+        kn[s, :, int(lens[s]):] = float("nan")
+        vn[s, :, int(lens[s]):] = float("nan")
+    out_c, _ = R.dash_attention(q, kn, vn, block_size=16, seq_lens=lens, score_scale=2.0)
+    torch.testing.assert_close(out_c, out)
