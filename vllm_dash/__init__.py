@@ -13,12 +13,19 @@ _registered = False
 
 
 def register() -> None:
-    """vLLM plugin entry point (idempotent).
+    """vLLM plugin entry point (idempotent; runs in every vLLM process).
 
-    The attention backend itself is not wired in yet (it comes with the vLLM backend
-    work); until then registering changes nothing in vLLM.
+    Fills vLLM's CUSTOM backend slot with DASH (select it with
+    ``--attention-backend CUSTOM``) and installs the documented vLLM 0.26 shims of
+    vllm_dash.compat; none of them changes anything unless DASH is selected.
     """
     global _registered
     if _registered:
         return
+    from vllm_dash import compat
+
+    compat.check_vllm_version()
+    compat.register_custom_backend()
+    compat.install_cpu_shim()
+    compat.install_summary_pages()
     _registered = True

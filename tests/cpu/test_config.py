@@ -1,0 +1,66 @@
+"""DashConfig: parsing of --additional-config '{"dash": {...}}' and its error messages."""
+import json
+
+import pytest
+
+from vllm_dash.config import DashConfig, config_help
+
+
+def test_defaults_and_round_trip():
+    cfg = DashConfig.from_additional_config(None)
+    assert cfg == DashConfig()
+    assert DashConfig.from_mapping(cfg.to_dict()) == cfg
+    assert DashConfig.from_additional_config({"other_plugin": 1}) == cfg
+    assert DashConfig.from_additional_config(json.dumps({"dash": {"alpha": 2}})).alpha == 2
+
+
+def test_values_are_used():
+    cfg = DashConfig.from_additional_config(
+        {"dash": {"alpha": 1.25, "score_scale": [0.5, 2.0], "prior_weight": 1,
+                  "sink_blocks": 2, "local_blocks": 3, "min_blocks": 4, "max_blocks": 9,
+                  "dense_below": 100, "score_norm": "none", "prior_norm": "max"}})
+    cfg.check_num_layers(2)
+    kw = cfg.kernel_kwargs(1)
+    assert kw["score_scale"] == 2.0 and cfg.kernel_kwargs(0)["score_scale"] == 0.5
+    assert kw["alpha"] == 1.25 and kw["max_blocks"] == 9 and kw["prior_norm"] == "max"
+    with pytest.raises(ValueError, match="score_scale has 2 entries but the model has 3"):
+        cfg.check_num_layers(3)
+
+
+@pytest.mark.parametrize("dash,key", [
+    ({"alpah": 1.5}, "alpah"),
+    ({"alpha": 1.0}, "alpha"), ({"alpha": 2.5}, "alpha"), ({"alpha": "x"}, "alpha"),
+    ({"score_scale": -1}, "score_scale"), ({"score_scale": [1.0, -2.0]}, "score_scale"),
+    ({"score_scale": []}, "score_scale"), ({"score_scale": float("nan")}, "score_scale"),
+    ({"prior_weight": 2}, "prior_weight"), ({"sink_blocks": -1}, "sink_blocks"),
+    ({"local_blocks": 1.5}, "local_blocks"), ({"min_blocks": True}, "min_blocks"),
+    ({"max_blocks": 1, "sink_blocks": 1}, "max_blocks"), ({"dense_below": -3}, "dense_below"),
+    ({"score_norm": "zscore"}, "score_norm"), ({"prior_norm": "l1"}, "prior_norm"),
+    ({"score_scale_file": "/nonexistent/scales.json"}, "score_scale_file"),
+])
+def test_bad_values_name_the_key_and_allowed_values(dash, key):
+    with pytest.raises(ValueError, match=key) as e:
+        DashConfig.from_additional_config({"dash": dash})
+    msg = str(e.value)
+    assert "allowed" in msg or "must" in msg
+
+
+def test_not_an_object():
+    with pytest.raises(ValueError, match="JSON object"):
+        DashConfig.from_additional_config({"dash": [1, 2]})
+
+
+def test_score_scale_file(tmp_path):
+    f = tmp_path / "scales.json"
+    f.write_text(json.dumps({"score_scale": [1.0, 2.0, 3.0]}))
+    cfg = DashConfig.from_additional_config({"dash": {"score_scale_file": str(f)}})
+    assert cfg.score_scale == (1.0, 2.0, 3.0)
+    f.write_text(json.dumps({"scales": [1.0]}))
+    with pytest.raises(ValueError, match="score_scale_file"):
+        DashConfig.from_additional_config({"dash": {"score_scale_file": str(f)}})
+
+
+def test_help_lists_every_key():
+    text = config_help()
+    for key in DashConfig.keys():
+        assert key in text

@@ -1,0 +1,331 @@
+"""DASH as a vLLM attention backend: backend facts, per-step metadata + builder, per-layer impl.
+
+Per step (builder, once for all layers): decodes are reordered to the front and split
+from prefills; capacity buffers (compacted selections, select scratch, split-KV partials)
+live in the builder, allocated once. Per layer (impl): decode tokens go to the DASH kernels
+(select -> sparse split-KV decode; on CPU the torch reference); prefill and mixed-batch
+tokens to dense causal attention (vLLM's FlashAttention / Triton kernels on GPU, torch SDPA
+on CPU). K/V writes also refresh the block summaries, kept in each KV page's padding
+(see compat.py).
+
+KV cache layout: (num_blocks, 2, Hk, B, D), head-major per block, K then V; the block
+stride is the padded page size. Kernels see K and V as [num_blocks, B, Hk, D] strided views.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+
+from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionLayer,
+                                       AttentionMetadataBuilder, AttentionType,
+                                       CommonAttentionMetadata)
+
+from vllm.logger import init_logger
+
+from vllm_dash import compat
+from vllm_dash.config import SUPPORTED_BLOCK_SIZES, DashConfig
+from vllm_dash.kernels import reference
+
+logger = init_logger("vllm.vllm_dash")  # under "vllm" so vLLM's log config shows it
+HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 256]
+
+
+class DashStats:
+    """Per-layer decode statistics accumulated on the device (no host sync in the step):
+    selected tokens and context tokens summed over (sequence, KV head) and steps.
+    ``snapshot()`` copies them to the host (call it outside the hot path)."""
+
+    def __init__(self):
+        self._acc = {}
+
+    def add(self, layer_idx: int, counts, seq_lens, block_size: int, num_kv_heads: int):
+        acc = self._acc.get(layer_idx)
+        if acc is None:
+            acc = self._acc[layer_idx] = torch.zeros(3, dtype=torch.float64,
+                                                     device=counts.device)
+        lens = seq_lens.to(torch.float64)
+        n = torch.ceil(lens / block_size)
+        # the current (partial) block is always selected: subtract its empty slots
+        tokens = counts.to(torch.float64) * block_size - (n * block_size - lens)[:, None]
+        acc[0] += tokens.sum()
+        acc[1] += lens.sum() * num_kv_heads
+        acc[2] += counts.to(torch.float64).sum()
+
+    def snapshot(self) -> dict:
+        out = {}
+        for layer, acc in sorted(self._acc.items()):
+            sel, ctx, blocks = acc.tolist()
+            out[layer] = {"selected_tokens": sel, "context_tokens": ctx,
+                          "selected_blocks": blocks,
+                          "density": sel / ctx if ctx else None}
+        return out
+
+    def reset(self):
+        self._acc.clear()
+
+
+#: statistics of this process's DASH layers (filled when stats_interval > 0)
+STATS = DashStats()
+
+
+class DashAttentionBackend(AttentionBackend):
+    IS_DASH = True
+    DEFAULT_BLOCK_SIZE = 64
+    forward_includes_kv_cache_update = False
+    supported_dtypes: ClassVar[list] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"          # vLLM 0.26 looks backends up by enum name: the CUSTOM slot
+
+    @staticmethod
+    def get_impl_cls():
+        return DashAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return DashMetadataBuilder
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
+                           head_size: int, cache_dtype_str: str = "auto") -> tuple:
+        return (num_blocks, 2, num_kv_heads, block_size, head_size)
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list:
+        return list(SUPPORTED_BLOCK_SIZES)
+
+    @classmethod
+    def supports_block_size(cls, block_size) -> bool:
+        return block_size is None or block_size in SUPPORTED_BLOCK_SIZES
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        return cls.DEFAULT_BLOCK_SIZE
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list:
+        return HEAD_SIZES
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def use_cascade_attention(*args, **kwargs) -> bool:
+        return False
+
+    @classmethod
+    def supports_combination(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla,
+                             has_sink, use_sparse, device_capability, *args, **kwargs):
+        return None
+
+
+@dataclass
+class DashMetadata:
+    num_actual_tokens: int
+    num_decodes: int
+    num_decode_tokens: int
+    num_prefills: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    num_splits: int
+    buffers: "DashBuffers"
+
+
+class DashBuffers:
+    """Capacity buffers shared by all layers of a step (layers run one after another)."""
+
+    def __init__(self, *, max_num_seqs: int, num_heads: int, num_kv_heads: int,
+                 head_size: int, max_blocks: int, device: torch.device):
+        self.max_blocks = max_blocks
+        self.block_ids = torch.zeros(max_num_seqs, num_kv_heads, max_blocks, dtype=torch.int32,
+                                     device=device)
+        self.log_prior = torch.zeros(max_num_seqs, num_kv_heads, max_blocks,
+                                     dtype=torch.float32, device=device)
+        self.counts = torch.zeros(max_num_seqs, num_kv_heads, dtype=torch.int32, device=device)
+        self.select_ws = None
+        self.decode_ws = None
+        if device.type == "cuda":
+            from vllm_dash.kernels.decode import DecodeWorkspace
+            from vllm_dash.kernels.select import SelectWorkspace
+            self.select_ws = SelectWorkspace(max_num_seqs, num_heads, num_kv_heads, max_blocks,
+                                             device=device)
+            self.decode_ws = DecodeWorkspace(max_num_seqs, num_heads, head_size,
+                                             max_splits=16, device=device)
+
+
+class DashMetadataBuilder(AttentionMetadataBuilder[DashMetadata]):
+    _cudagraph_support = compat.attention_cg_support_uniform_decode()
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1)
+        self.block_size = kv_cache_spec.block_size
+        model_config = vllm_config.model_config
+        parallel = vllm_config.parallel_config
+        self.num_heads = model_config.get_num_attention_heads(parallel)
+        self.num_kv_heads = model_config.get_num_kv_heads(parallel)
+        self.head_size = model_config.get_head_size()
+        max_blocks = -(-model_config.max_model_len // self.block_size)
+        max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+        self.buffers = DashBuffers(max_num_seqs=max_num_seqs, num_heads=self.num_heads,
+                                   num_kv_heads=self.num_kv_heads, head_size=self.head_size,
+                                   max_blocks=max_blocks, device=torch.device(device))
+        config = DashConfig.from_additional_config(vllm_config.additional_config)
+        config.check_num_layers(len(layer_names))
+        logger.info("DASH attention backend: block_size=%d, %d layers, device=%s, config=%s",
+                    self.block_size, len(layer_names), device, config.to_dict())
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> DashMetadata:
+        cam = common_attn_metadata
+        num_decodes, num_prefills, num_decode_tokens, _ = compat.split_decodes_and_prefills(cam)
+        num_splits = 1
+        if self.buffers.decode_ws is not None and num_decodes:
+            from vllm_dash.kernels.decode import choose_num_splits
+            num_splits = choose_num_splits(num_seqs=num_decodes, num_kv_heads=self.num_kv_heads,
+                                           max_blocks_per_seq=cam.block_table_tensor.shape[1],
+                                           block_size=self.block_size, device=self.device,
+                                           max_splits=self.buffers.decode_ws.max_splits)
+        return DashMetadata(
+            num_actual_tokens=cam.num_actual_tokens, num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens, num_prefills=num_prefills,
+            max_query_len=cam.max_query_len, max_seq_len=cam.max_seq_len,
+            query_start_loc=cam.query_start_loc, seq_lens=cam.seq_lens,
+            block_table=cam.block_table_tensor, slot_mapping=cam.slot_mapping,
+            num_splits=num_splits, buffers=self.buffers)
+
+
+class DashAttentionImpl(AttentionImpl):
+
+    def __init__(self, num_heads: int, head_size: int, scale: float,
+                 num_kv_heads: Optional[int] = None, alibi_slopes=None, sliding_window=None,
+                 kv_cache_dtype: str = "auto", logits_soft_cap=None,
+                 attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name=None,
+                 **extra):
+        reasons = []
+        if alibi_slopes is not None:
+            reasons.append("ALiBi is not supported")
+        if sliding_window is not None:
+            reasons.append("sliding-window attention is not supported")
+        if logits_soft_cap:
+            reasons.append("logits soft-capping is not supported")
+        if attn_type != AttentionType.DECODER:
+            reasons.append(f"attention type {attn_type} is not supported (decoder only)")
+        if kv_cache_dtype not in ("auto", "float16", "bfloat16"):
+            reasons.append(f"kv_cache_dtype={kv_cache_dtype} is not supported (fp16/bf16 only)")
+        if extra.get("sinks") is not None:
+            reasons.append("attention sinks are not supported")
+        if reasons:
+            raise ValueError("DASH attention backend: " + "; ".join(reasons))
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.attn_type = attn_type
+        reference._check_heads(num_heads, self.num_kv_heads)
+        vllm_config = compat.current_vllm_config()
+        self.config = DashConfig.from_additional_config(
+            getattr(vllm_config, "additional_config", None))
+        self._fa = None
+
+    # ----------------------------------------------------------------- cache views
+    def _views(self, kv_cache: torch.Tensor):
+        key_cache = kv_cache[:, 0].transpose(1, 2)       # [nb, B, Hk, D] (head-major storage)
+        value_cache = kv_cache[:, 1].transpose(1, 2)
+        summaries = compat.summary_view(kv_cache, self.num_kv_heads, self.head_size)
+        return key_cache, value_cache, summaries
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        key_cache, value_cache, summaries = self._views(kv_cache)
+        n = slot_mapping.shape[0]
+        if kv_cache.is_cuda:
+            from vllm_dash.kernels.summaries import write_kv_and_summaries
+            write_kv_and_summaries(key=key[:n], value=value[:n], key_cache=key_cache,
+                                   value_cache=value_cache, summaries=summaries,
+                                   slot_mapping=slot_mapping)
+        else:
+            from vllm_dash import cpu
+            cpu.write_kv_and_summaries(key[:n], value[:n], key_cache, value_cache, summaries,
+                                       slot_mapping)
+
+    # ----------------------------------------------------------------- attention
+    def forward(self, layer: AttentionLayer, query, key, value, kv_cache, attn_metadata,
+                output, output_scale=None, output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("DASH does not fuse output quantization")
+        if attn_metadata is None:                 # profiling run
+            return output
+        md: DashMetadata = attn_metadata
+        key_cache, value_cache, summaries = self._views(kv_cache)
+        layer_idx = compat.layer_index(layer.layer_name)
+        nd = md.num_decode_tokens
+        if md.num_decodes:
+            if kv_cache.is_cuda:
+                self._decode_gpu(md, query[:nd], key_cache, value_cache, summaries,
+                                 output[:nd], layer_idx)
+            else:
+                from vllm_dash import cpu
+                info = cpu.decode(self, md, query[:nd], key_cache, value_cache, summaries,
+                                  output[:nd], layer_idx)
+                if self.config.stats_interval:
+                    STATS.add(layer_idx, info["counts"], md.seq_lens[:md.num_decodes],
+                              key_cache.shape[1], self.num_kv_heads)
+        if md.num_prefills:
+            if kv_cache.is_cuda:
+                self._prefill_gpu(md, query, key_cache, value_cache, output)
+            else:
+                from vllm_dash import cpu
+                cpu.prefill(self, md, query, key_cache, value_cache, output)
+        return output
+
+    def _decode_gpu(self, md: DashMetadata, q, key_cache, value_cache, summaries, out,
+                    layer_idx: int) -> None:
+        from vllm_dash.kernels.decode import sparse_decode
+        from vllm_dash.kernels.select import select_blocks_paged
+        b = md.buffers
+        S = md.num_decodes
+        seq_lens = md.seq_lens[:S]
+        block_table = md.block_table[:S]
+        select_blocks_paged(q=q, summaries=summaries, block_table=block_table,
+                            seq_lens=seq_lens, out_block_ids=b.block_ids,
+                            out_log_prior=b.log_prior, out_counts=b.counts,
+                            block_size=key_cache.shape[1], scale=self.scale,
+                            workspace=b.select_ws, **self.config.kernel_kwargs(layer_idx))
+        sparse_decode(q=q, key_cache=key_cache, value_cache=value_cache, block_ids=b.block_ids,
+                      log_prior=b.log_prior, counts=b.counts, seq_lens=seq_lens, out=out,
+                      block_size=key_cache.shape[1], scale=self.scale,
+                      prior_weight=float(self.config.prior_weight), num_splits=md.num_splits,
+                      workspace=b.decode_ws)
+        if self.config.stats_interval:
+            STATS.add(layer_idx, b.counts[:S], seq_lens, key_cache.shape[1], self.num_kv_heads)
+
+    def _prefill_gpu(self, md: DashMetadata, query, key_cache, value_cache, output) -> None:
+        nd, nr = md.num_decode_tokens, md.num_decodes
+        n = md.num_actual_tokens
+        qsl = md.query_start_loc[nr:] - nd
+        if self._fa is None:
+            self._fa = compat.flash_attn_varlen()
+        fa, version = self._fa
+        if fa is not None:
+            fa(q=query[nd:n], k=key_cache, v=value_cache, out=output[nd:n], cu_seqlens_q=qsl,
+               max_seqlen_q=md.max_query_len, seqused_k=md.seq_lens[nr:],
+               max_seqlen_k=md.max_seq_len, softmax_scale=self.scale, causal=True,
+               block_table=md.block_table[nr:], fa_version=version)
+        else:
+            compat.triton_unified_attention()(
+                q=query[nd:n], k=key_cache, v=value_cache, out=output[nd:n], cu_seqlens_q=qsl,
+                max_seqlen_q=md.max_query_len, seqused_k=md.seq_lens[nr:],
+                max_seqlen_k=md.max_seq_len, softmax_scale=self.scale, causal=True,
+                window_size=(-1, -1), block_table=md.block_table[nr:], softcap=0,
+                q_descale=None, k_descale=None, v_descale=None)

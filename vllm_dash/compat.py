@@ -1,0 +1,187 @@
+"""The ONLY module that knows vLLM versions and internals (checked against vLLM 0.26.0).
+
+What vLLM 0.26 lacks, and the shims that add it:
+
+1. Backend names: 0.26 cannot register new backend names, so DASH takes the ``CUSTOM`` slot
+   (``--attention-backend CUSTOM``). Registration happens in every vLLM process through the
+   ``vllm.general_plugins`` entry point.
+2. CPU: vLLM's CPU platform ignores the selected backend and always returns CPU_ATTN.
+   :func:`install_cpu_shim` wraps ``CpuPlatform.get_attn_backend_cls`` so that an explicit
+   CUSTOM selection whose CUSTOM slot holds DASH returns DASH; any other selection (or none)
+   goes to vLLM's own code unchanged. It also gives DASH its default block size (64) on CPU,
+   where vLLM otherwise forces 128 when the user gave none.
+3. Block summaries inside the KV budget: 0.26 has no ``customize_spec``. When the layer's
+   backend is DASH, :func:`install_summary_pages` pads each KV page (``page_size_padded``)
+   by Hk * D fp32 numbers, so vLLM's memory planner counts the summaries like any other KV
+   byte and allocates them with the cache; the backend reads them from that padding
+   (``summary_view``). A summary then lives in the same physical page as its block: valid
+   under prefix caching, recycled with the block.
+Without an explicit CUSTOM selection nothing here changes vLLM's behaviour.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger("vllm_dash")
+
+SUPPORTED_VLLM = ("0.26.",)
+BACKEND_PATH = "vllm_dash.backend.DashAttentionBackend"
+SUMMARY_DTYPE = torch.float32
+
+
+def vllm_version() -> str:
+    import vllm
+    return getattr(vllm, "__version__", "unknown")
+
+
+def check_vllm_version() -> None:
+    v = vllm_version()
+    if not v.startswith(SUPPORTED_VLLM):
+        logger.warning("vllm-dash is verified on vLLM %s; found %s", "/".join(SUPPORTED_VLLM), v)
+
+
+# ------------------------------------------------------------------------- registry
+def _enum():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    return AttentionBackendEnum
+
+
+def register_custom_backend() -> None:
+    from vllm.v1.attention.backends.registry import register_backend
+    register_backend(_enum().CUSTOM, BACKEND_PATH)
+
+
+def custom_slot_is_dash() -> bool:
+    try:
+        return _enum().CUSTOM.get_path() == BACKEND_PATH
+    except Exception:          # CUSTOM not filled by anyone
+        return False
+
+
+def is_dash_selected(selected_backend) -> bool:
+    return selected_backend is not None and selected_backend == _enum().CUSTOM \
+        and custom_slot_is_dash()
+
+
+# ------------------------------------------------------------------------- CPU shim
+def install_cpu_shim() -> None:
+    from vllm.platforms import cpu as cpu_platform
+    Cpu = cpu_platform.CpuPlatform
+    if getattr(Cpu, "_vllm_dash_shim", False):
+        return
+    orig_get = Cpu.get_attn_backend_cls.__func__
+    orig_check = Cpu.check_and_update_config.__func__
+
+    @functools.wraps(orig_get)
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        if is_dash_selected(selected_backend):
+            backend = _enum().CUSTOM.get_class()
+            reasons = backend.validate_configuration(
+                device_capability=None, **attn_selector_config._asdict())
+            if reasons:
+                raise ValueError(f"DASH attention backend cannot run this model on CPU: "
+                                 f"{'; '.join(reasons)}")
+            return BACKEND_PATH
+        return orig_get(cls, selected_backend, attn_selector_config, *args, **kwargs)
+
+    @functools.wraps(orig_check)
+    def check_and_update_config(cls, vllm_config):
+        cache = vllm_config.cache_config
+        dash = is_dash_selected(getattr(vllm_config.attention_config, "backend", None))
+        user_block = cache.user_specified_block_size
+        orig_check(cls, vllm_config)
+        if dash and not user_block:
+            from vllm_dash.backend import DashAttentionBackend
+            cache.block_size = DashAttentionBackend.DEFAULT_BLOCK_SIZE
+
+    Cpu.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    Cpu.check_and_update_config = classmethod(check_and_update_config)
+    Cpu._vllm_dash_shim = True
+
+
+# ------------------------------------------------------------------------- summary pages
+def summary_page_bytes(num_kv_heads: int, head_size: int) -> int:
+    return num_kv_heads * head_size * SUMMARY_DTYPE.itemsize
+
+
+def install_summary_pages() -> None:
+    from vllm.model_executor.layers.attention import attention as attn_mod
+    Attention = attn_mod.Attention
+    if getattr(Attention, "_vllm_dash_pages", False):
+        return
+    orig = Attention.get_kv_cache_spec
+
+    @functools.wraps(orig)
+    def get_kv_cache_spec(self, vllm_config):
+        spec = orig(self, vllm_config)
+        backend = getattr(self, "attn_backend", None)
+        if spec is None or backend is None or not getattr(backend, "IS_DASH", False):
+            return spec
+        real = spec.real_page_size_bytes
+        return dataclasses.replace(
+            spec, page_size_padded=real + summary_page_bytes(spec.num_kv_heads, spec.head_size))
+
+    Attention.get_kv_cache_spec = get_kv_cache_spec
+    Attention._vllm_dash_pages = True
+
+
+def summary_view(kv_cache: torch.Tensor, num_kv_heads: int, head_size: int) -> torch.Tensor:
+    """fp32 [num_blocks, Hk, D] view of the summaries stored in each page's padding.
+
+    ``kv_cache`` is the layer's cache as vLLM hands it to the backend: shape
+    (num_blocks, 2, Hk, B, D) in the cache dtype, block stride = padded page size.
+    """
+    nb, two, hk, b, d = kv_cache.shape
+    page = kv_cache.stride(0)
+    kv_elems = two * hk * b * d
+    ratio = SUMMARY_DTYPE.itemsize // kv_cache.element_size()   # cache elems per fp32
+    if page < kv_elems + hk * d * ratio:
+        raise RuntimeError(
+            "the KV cache pages have no room for DASH block summaries: the DASH page padding "
+            "was not applied (is vllm_dash registered in this process?)")
+    raw = torch.as_strided(kv_cache, size=(nb, hk, d * ratio), stride=(page, d * ratio, 1),
+                           storage_offset=kv_cache.storage_offset() + kv_elems)
+    return raw.view(SUMMARY_DTYPE) if ratio != 1 else raw
+
+
+# ------------------------------------------------------------------------- vLLM pieces
+def attention_cg_support_uniform_decode():
+    from vllm.v1.attention.backend import AttentionCGSupport
+    return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
+
+def layer_index(layer_name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
+    return extract_layer_index(layer_name)
+
+
+def current_vllm_config():
+    from vllm.config import get_current_vllm_config
+    return get_current_vllm_config()
+
+
+def split_decodes_and_prefills(common_attn_metadata):
+    from vllm.v1.attention.backends.utils import split_decodes_and_prefills as f
+    return f(common_attn_metadata, decode_threshold=1)
+
+
+def flash_attn_varlen():
+    """vLLM's FlashAttention varlen function and the FA version to use, or (None, None)."""
+    try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+        version = get_flash_attn_version()
+        if version is None:
+            return None, None
+        return flash_attn_varlen_func, version
+    except Exception:  # no FA build for this GPU / platform
+        return None, None
+
+
+def triton_unified_attention():
+    from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    return unified_attention
