@@ -1,0 +1,156 @@
+"""DASH inside real vLLM 0.26, against vLLM's own backend, on one machine (GPU or CPU).
+
+For each engine (its own subprocess, so memory is freed between them) it generates greedily
+on prompts of several lengths and records the token ids; then it compares:
+  * dense-equivalence: DASH with score_scale 0 (every block equally likely, so all selected)
+    and prior_weight 0 must give the baseline's tokens;
+  * sparse: DASH with a sparsity setting runs, reports its measured density (< 1).
+GPU: baseline FLASH_ATTN, CUDA graphs on (enforce_eager False). CPU: baseline = vLLM's CPU
+backend, eager. Writes JSON (--out). Run vLLM inside a private network namespace.
+
+  python benchmarks/vllm_e2e_check.py --out e2e.json [--model DIR] [--device cuda|cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+WORDS = ("the quick brown fox jumps over the lazy dog while seven wise owls count "
+         "silver coins beside a quiet river under the old stone bridge").split()
+
+
+def make_prompts(lengths):
+    prompts = []
+    for i, n in enumerate(lengths):
+        words = [WORDS[(7 * j + 3 * i) % len(WORDS)] for j in range(n)]
+        prompts.append(" ".join(words) + " . The secret word is")
+    return prompts
+
+
+def run_engine(args, backend: str, dash: dict | None) -> dict:
+    """Child process: build one engine, generate, print one JSON line."""
+    from vllm import LLM, SamplingParams
+    kw = dict(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
+              enforce_eager=args.device == "cpu", max_num_seqs=8,
+              gpu_memory_utilization=0.5 if args.device == "cuda" else 0.3)
+    if args.device == "cuda":
+        # CUDA graphs for decode batches without torch.compile (shorter start-up)
+        kw["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
+                                    "cudagraph_capture_sizes": [1, 2, 4, 8]}
+    else:
+        kw["kv_cache_memory_bytes"] = 512 << 20
+    if backend != "default":
+        kw["attention_backend"] = backend
+    if dash is not None:
+        kw["additional_config"] = {"dash": dash}
+    t0 = time.time()
+    llm = LLM(**kw)
+    t1 = time.time()
+    prompts = make_prompts(args.lengths)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
+                                                ignore_eos=True))
+    t2 = time.time()
+    res = {"backend": backend, "dash": dash, "init_s": round(t1 - t0, 1),
+           "generate_s": round(t2 - t1, 2),
+           "prompt_tokens": [len(o.prompt_token_ids) for o in outs],
+           "tokens": [list(o.outputs[0].token_ids) for o in outs],
+           "text": [o.outputs[0].text for o in outs]}
+    if dash is not None:
+        from vllm_dash.backend import STATS
+        res["stats"] = STATS.snapshot()
+    return res
+
+
+def spawn(args, name, backend, dash):
+    cmd = [sys.executable, __file__, "--child", json.dumps({"backend": backend, "dash": dash}),
+           "--model", args.model, "--device", args.device, "--dtype", args.dtype,
+           "--max-model-len", str(args.max_model_len), "--max-tokens", str(args.max_tokens),
+           "--lengths", *map(str, args.lengths)]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    for line in p.stdout.splitlines():
+        if line.startswith("E2E_RESULT "):
+            return json.loads(line[len("E2E_RESULT "):])
+    return {"backend": backend, "dash": dash, "error": (p.stderr or p.stdout)[-3000:],
+            "returncode": p.returncode}
+
+
+def prefix_match(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=False)
+    ap.add_argument("--model", default=None, help="HF model dir (default: a generated tiny Llama)")
+    ap.add_argument("--device", default=None, choices=["cuda", "cpu"])
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1200, 2500, 4100, 300])
+    ap.add_argument("--sparse", default='{"score_scale": 3.0, "score_norm": "standardize"}')
+    ap.add_argument("--timeout", type=float, default=420)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.device is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.child:
+        spec = json.loads(args.child)
+        print("E2E_RESULT " + json.dumps(run_engine(args, spec["backend"], spec["dash"])),
+              flush=True)
+        return
+    if args.model is None:
+        from vllm_dash.serving.models import make_tiny_llama
+        d = os.path.join(tempfile.mkdtemp(prefix="dash-e2e-"), "tiny")
+        # head_dim 128 (FlashAttention-3 sizes), GQA 8/2, 2 layers, random weights
+        args.model = str(make_tiny_llama(d, head_dim=128, num_layers=2, num_heads=8,
+                                         num_kv_heads=2, hidden=256,
+                                         max_position_embeddings=args.max_model_len))
+    base = "FLASH_ATTN" if args.device == "cuda" else "default"
+    sparse = json.loads(args.sparse)
+    sparse.setdefault("stats_interval", 1)
+    runs = {"baseline": spawn(args, "baseline", base, None),
+            "dash_dense": spawn(args, "dash_dense", "CUSTOM",
+                                {"score_scale": 0.0, "prior_weight": 0.0, "stats_interval": 1}),
+            "dash_sparse": spawn(args, "dash_sparse", "CUSTOM", sparse)}
+    report = {"device": args.device, "model": args.model, "lengths": args.lengths,
+              "max_tokens": args.max_tokens, "runs": runs}
+    if args.device == "cuda":
+        import torch
+        report["gpu"] = torch.cuda.get_device_name(0)
+    ok = all("tokens" in r for r in runs.values())
+    if ok:
+        b = runs["baseline"]["tokens"]
+        for name in ("dash_dense", "dash_sparse"):
+            runs[name]["prefix_match"] = [prefix_match(x, y) for x, y in zip(b, runs[name]["tokens"])]
+        report["dense_equivalent"] = runs["dash_dense"]["tokens"] == b
+        dens = [v["density"] for v in runs["dash_sparse"].get("stats", {}).values()]
+        report["sparse_density_per_layer"] = dens
+        dens_dense = [v["density"] for v in runs["dash_dense"].get("stats", {}).values()]
+        report["dense_density_per_layer"] = dens_dense
+    report["ok"] = ok
+    text = json.dumps(report, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    summary = {k: report.get(k) for k in ("device", "gpu", "dense_equivalent",
+                                          "sparse_density_per_layer", "dense_density_per_layer", "ok")}
+    for name, r in runs.items():
+        summary[name] = {k: r.get(k) for k in ("init_s", "generate_s", "prefix_match", "error")}
+    print(json.dumps(summary, indent=1))
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

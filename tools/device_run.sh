@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One GPU-machine session for vllm-dash (device tool): install the package, stage vLLM 0.26
+# (../shared/device recipe, carried in the git-ignored .stage/), then run the requested steps.
+#   bash tools/device_run.sh STEP...   steps: tests e2e bench select
+# Results go to $OUT (one file per step). Each step has its own time limit.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
+log "install vllm-dash"
+if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index . > "$OUT/pip.log" 2>&1; then
+  log "pip install failed (see pip.log); using a path shim"
+  mkdir -p /tmp/shim/vllm_dash /tmp/shim/vllm_dash-0.dist-info
+  cp vllm_dash/*.py /tmp/shim/vllm_dash/
+  ln -sfn "$PWD/kernels" /tmp/shim/vllm_dash/kernels; ln -sfn "$PWD/serving" /tmp/shim/vllm_dash/serving
+  printf 'Metadata-Version: 2.1\nName: vllm-dash\nVersion: 0\n' > /tmp/shim/vllm_dash-0.dist-info/METADATA
+  printf '[vllm.general_plugins]\ndash = vllm_dash:register\n' > /tmp/shim/vllm_dash-0.dist-info/entry_points.txt
+  export PYTHONPATH=/tmp/shim${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ -d .stage/c00 ]; then
+  log "stage vLLM"; bash .stage/tools/install_payload.sh .stage > "$OUT/stage.log" 2>&1 && . /tmp/site/env.sh
+  export PYTHONPATH=${PYTHONPATH:-}
+fi
+python3 -c "import torch, vllm_dash.kernels.select as s; print(torch.cuda.get_device_name(0))" 2>&1 | tee -a "$OUT/steps.log"
+for step in "$@"; do
+  case "$step" in
+    tests)  log "gpu tests"; timeout 200 python3 -P -m pytest tests/gpu -q -rs -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; tail -3 "$OUT/gpu_tests.txt" | tee -a "$OUT/steps.log" ;;
+    bench)  log "kernel bench"; timeout 240 python3 benchmarks/bench_kernels.py --select dash_select_hook:select --warmup 10 --rep 40 --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.txt" 2>&1; tail -2 "$OUT/bench_kernels.txt" | tee -a "$OUT/steps.log" ;;
+    e2e)    log "vllm e2e"; unshare -n sh -c 'ip link set lo up; timeout 330 python3 benchmarks/vllm_e2e_check.py --device cuda --max-model-len 16384 --lengths 600 1500 3000 120 --out "$0/e2e_gpu.json"' "$OUT" > "$OUT/e2e_gpu.txt" 2>&1; tail -30 "$OUT/e2e_gpu.txt" | tee -a "$OUT/steps.log" ;;
+    select) log "select bench"; timeout 120 python3 benchmarks/bench_select.py --out "$OUT/bench_select.json" > "$OUT/bench_select.txt" 2>&1; tail -20 "$OUT/bench_select.txt" | tee -a "$OUT/steps.log" ;;
+  esac
+done
+log "done"
