@@ -1,4 +1,4 @@
-"""Stage 1 of DASH on vLLM's paged layout (DESIGN.md §3 "Stage 1", §4.2), one launch.
+"""Stage 1 of DASH on vLLM's paged layout (DESIGN.md §3 "Stage 1", §4.2), four launches.
 
 ``select_blocks_paged`` computes, per (sequence, KV head), the blocks stage 2 reads, as a
 compacted list of PHYSICAL block ids in ascending LOGICAL order (so the current, partial
@@ -7,48 +7,48 @@ the count. The semantics are exactly :func:`reference.select_blocks` (the spec);
 twin :func:`select_blocks_paged_torch` runs the reference and converts its ``Selection``
 into the same compacted format.
 
-Kernel: grid (num_seqs, Hk), one program per (sequence, KV head), no host sync, no
-allocation when a :class:`SelectWorkspace` is passed (CUDA-graph capturable). The program
-makes fixed-count passes over its sequence's blocks, tile by tile:
+Kernels: four launches with fixed grids from the capacities (num_seqs, Hq, Hk,
+max_blocks_per_seq), no host sync, no allocation when a :class:`SelectWorkspace` is passed
+(CUDA-graph capturable). Sequences of length <= 0 give count 0; sequences shorter than
+``dense_below`` skip K1-K3a and K3b lists every block with log-prior 0.
 
-  1. scores u = scale * q_h . kbar_c for the G heads of the group with ``tl.dot`` (the G
-     rows padded to 16; fp32 inputs, "tf32x3" precision: three TF32 tensor-core products,
-     fp32-level accuracy, measured |dz|/max|z| ~5e-7 on H200), written to the workspace
-     (fp32, ``[.., G, n]`` rows);
-  2. per-head max and mean (and, for score_norm="standardize", a second pass for the
-     population variance); z = score_scale * u or score_scale * (u - mean) / std;
-  3. the alpha-entmax threshold tau per head: ``ENTMAX_ITERS`` Newton steps on
-     g(tau) = (sum_c [y_c - tau]_+^r)^(1/r) - 1 (r = 1/(alpha-1), y = (alpha-1)(z - max z)),
-     started at the left end tau = -1 of the bracket [-1, -(1/n)^(alpha-1)]. g is convex
-     and decreasing, so the iterates increase monotonically towards the root and never
-     leave the bracket in exact arithmetic (a step past the right end is replaced by
-     bisection). Newton on this "r-norm" form is exact in one step for equal scores and
-     converges in a handful of steps otherwise (sparsemax, where it is Michelot's
-     algorithm, needs the most); the probabilities are renormalised by the last pass's sum;
-  4. pbar = mean over the group of p_h (written to the workspace) and max pbar;
-  5. min_blocks floor: per head, the k-th largest z (k = min(min_blocks, n)), found exactly
-     by a 32-step bisection over the order-preserving int32 image of the fp32 z (each step
-     one counting pass), the ties at the threshold taken from the lowest block id by a
-     running count;
-  6. flags (selected / forced / floor) per block, written to the workspace;
-  7. max_blocks cap: forced blocks always stay (the argument check guarantees room); the
-     other selected blocks are ranked by (pbar, group-mean z, -block id) — the same order
-     as the reference's two stable sorts — and the top ``max_blocks - #forced`` are kept,
-     found by two exact 32-step bisections (pbar, then group score among the pbar ties)
-     and a running count for the last ties;
-  8. compaction in ascending logical order (prefix sum within the tile + carry).
-Sequences shorter than ``dense_below`` skip 1–7 and list every block with log-prior 0.
+  K1 scores, grid (S, Hk, ceil(n_max / CHUNK)): u = scale * q_h . kbar_c for the G heads
+     of the KV head over CHUNK blocks with ``tl.dot`` (the G rows padded to 16; fp32
+     inputs, "tf32x3" precision: three TF32 tensor-core products, fp32-level accuracy,
+     measured |dz|/max|z| ~5e-7 on H200), stored to the workspace [S, Hq, n_max].
+  K2 threshold, grid (S, Hq), one program per query head. When the capacity's row fits
+     ``_RESIDENT_MAX`` blocks the head's whole row stays in registers; otherwise the same
+     steps are passes over tiles of the row in global memory (L1/L2):
+       * z = score_scale * u, or score_scale * (u - mean) / std (population std, floored
+         at reference.STD_EPS), written back in place;
+       * the alpha-entmax threshold: ``ENTMAX_ITERS`` Newton steps on
+         g(tau) = (sum_c [y_c - tau]_+^r)^(1/r) - 1 (r = 1/(alpha-1),
+         y = max((alpha-1) z - max, -2)), started at the left end tau = -1 of the bracket
+         [-1, -(1/n)^(alpha-1)]. g is convex and decreasing, so the iterates increase
+         monotonically towards the root and never leave the bracket in exact arithmetic
+         (a step past the right end is replaced by bisection). Newton on this "r-norm"
+         form is exact in one step for equal scores and converges in a handful of steps
+         otherwise (sparsemax, where it is Michelot's algorithm, needs the most); the
+         probabilities p_h are renormalised by the last pass's sum and written;
+       * min_blocks floor: the k-th largest z (k = min(min_blocks, n)), found exactly by a
+         32-step bisection over the order-preserving int32 image of the fp32 z, the ties
+         at the threshold taken from the lowest block id (prefix count); the per-head
+         floor flags are written (int8).
+  K3a group, grid (S, Hk, ceil(n_max / CHUNK)): pbar = mean over the group of p_h, the
+     forced / floor (any head) / selected flags and, for the cap, the group-mean z; written
+     to the workspace per (sequence, KV head).
+  K3b cap + compaction, grid (S, Hk) (the row in registers when it fits, else tiles):
+     max pbar; the max_blocks cap: forced blocks always stay (the argument check guarantees
+     room); the other selected blocks are ranked by (pbar, group-mean z, -block id) — the
+     same order as the reference's two stable sorts — and the top ``max_blocks - #forced``
+     are kept, found by two exact 32-step bisections (pbar, then group score among the pbar
+     ties) and a prefix count for the last ties (only when the cap binds); then the
+     compaction in ascending logical order (prefix sums) with the log priors and counts.
 
-Performance (H200, CUDA-graph replay, D=128, bf16/fp16 q): 32/8 heads B=64: 1 x 128K
-125 us (220 us with min_blocks=8 + a binding max_blocks), 1 x 32K 41 us, 8 x 32K 66 us,
-32 x 32K with min/max caps 142 us, 32 x 32K B=16 with min_blocks 291 us; 32/2 heads
-(G=16): 1 x 128K B=64 with floor + cap 518 us, 4 x 64K B=16 with standardize + floor
-1.1 ms. Every pass re-reads the program's [G, n] fp32 scores from the workspace (L1/L2)
-tile by tile, one program per (sequence, KV head), so the latency grows with the number of
-passes (~25, plus 32 per bisection) times the tiles per pass; the 32-step bisections
-(floor; cap only when it binds) dominate at large G * n. Ways to speed it up, not done
-yet: keep the scores in registers when G * n is small, split a sequence's blocks over
-several programs for the score pass, fewer bisection steps (narrow the key range first).
+Performance: the previous single-launch version (grid (S, Hk), every pass a serial loop
+over global scratch) measured on an H200 (CUDA-graph replay, D=128): 32/8 heads B=64
+1 x 128K 125 us, 8 x 32K 66 us; 32/2 heads 1 x 128K with floor + cap 518 us; 4 x 64K B=16
+G=16 with standardize + floor 1.1 ms. This version: see benchmarks/bench_select.py.
 """
 from __future__ import annotations
 
@@ -76,6 +76,12 @@ __all__ = [
 #: 8 (alpha 1.5), 6 (alpha 1.25): 20 leaves a margin.
 ENTMAX_ITERS = 20
 _BISECT_STEPS = 32          # exact k-th largest over the 2^32 int32 keys
+#: Rows of up to this many blocks (capacity, rounded up to a power of two) stay in
+#: registers in K2 / K3b; longer rows use the tiled passes (tiles of _FALLBACK_TILE).
+_RESIDENT_MAX = 8192
+_FALLBACK_TILE = 2048
+_RADIX_BITS = 4            # bits per round of the register-resident k-th largest
+_SCORE_CHUNK = 64           # blocks per K1 program (the dot tile is [D, CHUNK] fp32)
 _TINY = float(torch.finfo(torch.float32).tiny)
 
 
@@ -83,12 +89,12 @@ _TINY = float(torch.finfo(torch.float32).tiny)
 # kernel helpers
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _ukey(x):
-    """Order-preserving map fp32 -> int64 in [0, 2^32) through the int32 bit pattern
-    (x not NaN; -0 and +0 map to the same key)."""
+def _skey(x):
+    """Order-preserving map fp32 -> int32 through the bit pattern (x not NaN; -0 and +0 map
+    to the same key). Signed keys: -inf -> -2^31 + 0x007FFFFF ... +inf -> 0x7F800000."""
     x = tl.where(x == 0.0, 0.0, x)
     b = x.to(tl.int32, bitcast=True)
-    return (b ^ ((b >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
@@ -102,308 +108,481 @@ def _pow_r(d, r):
 
 
 @triton.jit
-def _select_kernel(
-    q_ptr, summ_ptr, bt_ptr, lens_ptr, ids_ptr, lp_ptr, cnt_ptr, ws_ptr,
+def _entmax_terms(z, cm, ymax, tau, am1, r, POW_MODE: tl.constexpr):
+    """[y - tau]_+^r and [y - tau]_+^(r-1) (0 where ~cm), y = max((alpha-1) z - ymax, -2)."""
+    y = tl.maximum(z * am1 - ymax, -2.0)
+    dd = tl.where(cm, tl.maximum(y - tau, 0.0), 0.0)
+    if POW_MODE == 2:        # alpha = 1.5: r = 2
+        pw = dd * dd
+        pw1 = dd
+    elif POW_MODE == 1:      # alpha = 2 (sparsemax): r = 1
+        pw = dd
+        pw1 = tl.where(dd > 0.0, 1.0, 0.0)
+    else:
+        pw, pw1 = _pow_r(dd, r)
+    return pw, pw1
+
+
+@triton.jit
+def _newton_step(tau, F, S1, hi, am1, POW_MODE: tl.constexpr, TINY: tl.constexpr):
+    """One safeguarded Newton step on g(tau) = F(tau)^(1/r) - 1 (see module doc)."""
+    if POW_MODE == 2:
+        Finv = 1.0 / tl.sqrt(F)
+    elif POW_MODE == 1:
+        Finv = 1.0 / F
+    else:
+        Finv = tl.exp2(-am1 * tl.log2(F))
+    nxt = tau + F * (1.0 - Finv) / tl.maximum(S1, TINY)
+    return tl.where(nxt <= hi, tl.maximum(nxt, -1.0), 0.5 * (tau + hi))
+
+
+@triton.jit
+def _sum2(a, b):
+    """(sum a, sum b) of two 1-D tensors with one reduction."""
+    return tl.split(tl.sum(tl.join(a, b), 0))
+
+
+@triton.jit
+def _kth_largest(key, valid, k, RB: tl.constexpr):
+    """Exact k-th largest of the int32 ``key`` among ``valid`` (1 <= k <= #valid), by a
+    radix select of RB bits per round (32 / RB rounds, each one reduction of 2^RB counts).
+    Returns (t, cnt_gt): the key and #{valid & key > t}."""
+    NB: tl.constexpr = 1 << RB
+    b = tl.arange(0, NB).to(tl.int64)
+    # invariant: #{key >= lo} >= k > #{key >= lo + NB * width} = cnt_hi
+    lo = tl.full([], -2147483648, tl.int64)
+    cnt_hi = tl.full([], 0, tl.int32)
+    width = tl.full([], 1 << 32, tl.int64)
+    for it in range(32 // RB):
+        width = width >> RB
+        th = (lo + b * width).to(tl.int32)                             # [NB] ascending
+        cnt = tl.sum((valid[:, None] & (key[:, None] >= th[None, :])).to(tl.int32), 0)
+        ge = cnt >= k                                                   # a prefix of b
+        j = tl.sum(ge.to(tl.int32), 0) - 1
+        above = tl.max(tl.where(ge, -1, cnt), 0)                        # cnt[j + 1]
+        lo = lo + j.to(tl.int64) * width
+        cnt_hi = tl.where(above >= 0, above, cnt_hi)
+    return lo.to(tl.int32), cnt_hi
+
+
+@triton.jit
+def _active(lens_ptr, s, block_size, dense_below):
+    L = tl.maximum(tl.load(lens_ptr + s).to(tl.int32), 0)
+    n = (L + block_size - 1) // block_size
+    return n, (L >= dense_below) & (n > 0)
+
+
+# --------------------------------------------------------------------------------------
+# K1: scores, grid (S, Hk, chunks)
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _scores_kernel(
+    q_ptr, summ_ptr, bt_ptr, lens_ptr, u_ptr,
     stride_qs, stride_qh, stride_qd,
     stride_sb, stride_sh, stride_sd,
     stride_bts, stride_btb,
-    stride_is, stride_ih, stride_ib,
-    stride_ls, stride_lh, stride_lb,
-    stride_cs, stride_ch,
-    stride_ws, stride_wh, stride_wr,
-    scale, score_scale, am1, r, block_size,
-    sink_blocks, local_blocks, max_blocks, min_blocks, dense_below,
-    G: tl.constexpr, G_DOT: tl.constexpr, G_P2: tl.constexpr,
-    D: tl.constexpr, D_P2: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K1: tl.constexpr,
-    N_ITER: tl.constexpr, POW_MODE: tl.constexpr, STANDARDIZE: tl.constexpr,
-    PRIOR_MAX: tl.constexpr, HAS_MIN: tl.constexpr, HAS_CAP: tl.constexpr,
-    BISECT: tl.constexpr,
-    STD_EPS: tl.constexpr, TINY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_us, stride_uh,
+    scale, block_size, dense_below,
+    G: tl.constexpr, G_DOT: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
+    CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
-    L = tl.maximum(tl.load(lens_ptr + s).to(tl.int32), 0)
-    n = (L + block_size - 1) // block_size
-
-    bt_row = bt_ptr + s.to(tl.int64) * stride_bts
-    ids_row = ids_ptr + s.to(tl.int64) * stride_is + kvh * stride_ih
-    lp_row = lp_ptr + s.to(tl.int64) * stride_ls + kvh * stride_lh
-    ws = ws_ptr + s.to(tl.int64) * stride_ws + kvh * stride_wh   # rows [0, G): z per head
-    ws_p = ws + G * stride_wr          # pbar
-    ws_f = ws + (G + 1) * stride_wr    # flags: 1 selected, 2 forced, 4 floor
-    ws_g = ws + (G + 2) * stride_wr    # group-mean z (cap only)
-
-    if (L < dense_below) | (n <= 0):
-        # dense (or empty): every block of the sequence, flat prior
-        for start in range(0, n, BLOCK_P):
-            c = start + tl.arange(0, BLOCK_P)
-            cm = c < n
-            pid = tl.load(bt_row + c * stride_btb, mask=cm, other=0)
-            tl.store(ids_row + c * stride_ib, pid.to(tl.int32), mask=cm)
-            tl.store(lp_row + c * stride_lb, tl.zeros([BLOCK_P], tl.float32), mask=cm)
-        tl.store(cnt_ptr + s * stride_cs + kvh * stride_ch, n)
-    else:
-        nf = n.to(tl.float32)
-        g = tl.arange(0, G_P2)
-        gm = g < G                      # rows >= G: all-zero dummies, never counted
-        # ---- 1. scores u = scale * q_h . kbar_c -> workspace ---------------------------
+    start = tl.program_id(2) * CHUNK
+    n, active = _active(lens_ptr, s, block_size, dense_below)
+    if active & (start < n):
         gd = tl.arange(0, G_DOT)
         d = tl.arange(0, D_P2)
         qv = tl.load(q_ptr + s.to(tl.int64) * stride_qs + (kvh * G + gd)[:, None] * stride_qh
                      + d[None, :] * stride_qd,
                      mask=(gd < G)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-        for start in range(0, n, BLOCK_N):
-            c = start + tl.arange(0, BLOCK_N)
-            cm = c < n
-            pid = tl.load(bt_row + c * stride_btb, mask=cm, other=0).to(tl.int64)
-            kT = tl.load(summ_ptr + pid[None, :] * stride_sb + kvh * stride_sh
-                         + d[:, None] * stride_sd, mask=cm[None, :] & (d < D)[:, None],
-                         other=0.0).to(tl.float32)                       # [D, BLOCK_N]
-            u = tl.dot(qv, kT, input_precision=DOT_PRECISION) * scale     # [G_DOT, BLOCK_N]
-            tl.store(ws + gd[:, None] * stride_wr + c[None, :], u,
-                     mask=(gd < G)[:, None] & cm[None, :])
-        tl.debug_barrier()
+        c = start + tl.arange(0, CHUNK)
+        cm = c < n
+        pid = tl.load(bt_ptr + s.to(tl.int64) * stride_bts + c * stride_btb, mask=cm,
+                      other=0).to(tl.int64)
+        kT = tl.load(summ_ptr + pid[None, :] * stride_sb + kvh * stride_sh
+                     + d[:, None] * stride_sd, mask=cm[None, :] & (d < D)[:, None],
+                     other=0.0).to(tl.float32)                         # [D, CHUNK]
+        u = tl.dot(qv, kT, input_precision=DOT_PRECISION) * scale       # [G_DOT, CHUNK]
+        tl.store(u_ptr + s.to(tl.int64) * stride_us + (kvh * G + gd)[:, None] * stride_uh
+                 + c[None, :], u, mask=(gd < G)[:, None] & cm[None, :])
 
-        # ---- 2. z = score_scale * u, or score_scale * (u - mean) / std ------------------
-        mean = tl.zeros([G_P2], tl.float32)
-        std = tl.full([G_P2], 1.0, tl.float32)
-        if STANDARDIZE:
-            acc = tl.zeros([G_P2, BLOCK_P], tl.float32)
-            for start in range(0, n, BLOCK_P):
-                c = start + tl.arange(0, BLOCK_P)
-                m2 = gm[:, None] & (c < n)[None, :]
-                acc += tl.load(ws + g[:, None] * stride_wr + c[None, :], mask=m2, other=0.0)
-            mean = tl.sum(acc, 1) / nf
-            acc = tl.zeros([G_P2, BLOCK_P], tl.float32)
-            for start in range(0, n, BLOCK_P):
-                c = start + tl.arange(0, BLOCK_P)
-                cm = c < n
-                u = tl.load(ws + g[:, None] * stride_wr + c[None, :],
-                            mask=gm[:, None] & cm[None, :], other=0.0)
-                dv = tl.where(cm[None, :], u - mean[:, None], 0.0)
-                acc += dv * dv
-            std = tl.maximum(tl.sqrt(tl.sum(acc, 1) / nf), STD_EPS)   # population std
-        zmax_t = tl.full([G_P2, BLOCK_P], float("-inf"), tl.float32)
-        for start in range(0, n, BLOCK_P):
-            c = start + tl.arange(0, BLOCK_P)
+
+# --------------------------------------------------------------------------------------
+# K2: per query head z, entmax threshold, p, floor flags; grid (S, Hq)
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _threshold_kernel(
+    u_ptr, p_ptr, fl_ptr, lens_ptr,
+    stride_us, stride_uh, stride_ps, stride_ph, stride_fs, stride_fh,
+    score_scale, am1, r, block_size, min_blocks, dense_below,
+    N_ITER: tl.constexpr, POW_MODE: tl.constexpr, STANDARDIZE: tl.constexpr,
+    HAS_MIN: tl.constexpr, RESIDENT: tl.constexpr, BLOCK: tl.constexpr,
+    BISECT: tl.constexpr, RADIX: tl.constexpr, STD_EPS: tl.constexpr,
+    TINY: tl.constexpr,
+):
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    n, active = _active(lens_ptr, s, block_size, dense_below)
+    if active:
+        nf = n.to(tl.float32)
+        urow = u_ptr + s.to(tl.int64) * stride_us + h * stride_uh    # u, then z in place
+        prow = p_ptr + s.to(tl.int64) * stride_ps + h * stride_ph
+        frow = fl_ptr + s.to(tl.int64) * stride_fs + h * stride_fh
+        hi = -tl.exp2(-am1 * tl.log2(nf))          # right end of the bracket: f(hi) <= 0
+        kf = tl.minimum(min_blocks, n)
+        # (no loop-carried name may be initialised as an alias of another, e.g.
+        # `tau_ev = tau`: with Triton 3.6 on the GPU it then keeps its entry value)
+        tau = tl.full([], -1.0, tl.float32)
+        tau_ev = tl.full([], -1.0, tl.float32)
+        F_ev = tl.full([], 1.0, tl.float32)
+        lo = tl.full([], -2147483648, tl.int64)
+        cnt_hi = tl.full([], 0, tl.int32)
+        width = tl.full([], 1 << 32, tl.int64)
+        if RESIDENT:
+            # ---- the whole row in registers ------------------------------------------
+            c = tl.arange(0, BLOCK)
             cm = c < n
-            wp = ws + g[:, None] * stride_wr + c[None, :]
-            u = tl.load(wp, mask=gm[:, None] & cm[None, :], other=0.0)
+            u = tl.load(urow + c, mask=cm, other=0.0)
             if STANDARDIZE:
-                z = score_scale * (u - mean[:, None]) / std[:, None]
+                mean = tl.sum(u, 0) / nf
+                dv = tl.where(cm, u - mean, 0.0)
+                std = tl.maximum(tl.sqrt(tl.sum(dv * dv, 0) / nf), STD_EPS)
+                z = score_scale * (u - mean) / std
             else:
                 z = score_scale * u
-            tl.store(wp, z, mask=gm[:, None] & cm[None, :])
-            zmax_t = tl.maximum(zmax_t, tl.where(cm[None, :], z, float("-inf")))
-        tl.debug_barrier()
-        ymax = tl.max(zmax_t, 1) * am1      # y = (alpha-1) z - max, clamped at -2
-
-        # ---- 3. entmax threshold per head: Newton on g(tau) = F(tau)^(1/r) - 1 ----------
-        tau = tl.full([G_P2], -1.0, tl.float32)
-        hi = -tl.exp2(-am1 * tl.log2(nf))          # right end of the bracket: f(hi) <= 0
-        # (tau_ev must not be initialised as `tau_ev = tau`: with Triton 3.6 on the GPU a
-        # loop-carried name that aliases another at loop entry keeps its entry value)
-        tau_ev = tl.full([G_P2], -1.0, tl.float32)
-        F_ev = tl.full([G_P2], 1.0, tl.float32)
-        for it in range(N_ITER):
-            Fa = tl.zeros([G_P2, BLOCK_P], tl.float32)
-            Sa = tl.zeros([G_P2, BLOCK_P], tl.float32)
-            for start in range(0, n, BLOCK_P):
-                c = start + tl.arange(0, BLOCK_P)
-                cm = c < n
-                z = tl.load(ws + g[:, None] * stride_wr + c[None, :],
-                            mask=gm[:, None] & cm[None, :], other=0.0)
-                y = tl.maximum(z * am1 - ymax[:, None], -2.0)
-                dd = tl.where(cm[None, :], tl.maximum(y - tau[:, None], 0.0), 0.0)
-                if POW_MODE == 2:        # alpha = 1.5: r = 2
-                    Fa += dd * dd
-                    Sa += dd
-                elif POW_MODE == 1:      # alpha = 2 (sparsemax): r = 1
-                    Fa += dd
-                    Sa += tl.where(dd > 0.0, 1.0, 0.0)
+            tl.store(urow + c, z, mask=cm)
+            ymax = tl.max(tl.where(cm, z, float("-inf")), 0) * am1
+            # the iteration is a deterministic map tau -> step(tau): once a step returns
+            # its input every later pass would repeat it, so stopping there is exact
+            it = tl.full([], 0, tl.int32)
+            moving = tl.full([], 1, tl.int32)
+            while (it < N_ITER) & (moving != 0):
+                pw, pw1 = _entmax_terms(z, cm, ymax, tau, am1, r, POW_MODE)
+                F, S1 = _sum2(pw, pw1)
+                tau_ev = tau
+                F_ev = F
+                nxt = _newton_step(tau, F, S1, hi, am1, POW_MODE, TINY)
+                moving = (nxt != tau).to(tl.int32)
+                tau = nxt
+                it += 1
+            pw, pw1 = _entmax_terms(z, cm, ymax, tau_ev, am1, r, POW_MODE)
+            tl.store(prow + c, pw / tl.maximum(F_ev, TINY), mask=cm)
+            if HAS_MIN:
+                key = _skey(z)
+                if kf < n:
+                    thr, cnt_gt = _kth_largest(key, cm, kf, RADIX)   # kf-th largest key
+                    need = kf - cnt_gt               # ties at thr taken, lowest ids first
+                    eq = cm & (key == thr)
+                    cum = tl.cumsum(eq.to(tl.int32), 0)
+                    flo = cm & ((key > thr) | (eq & (cum <= need)))
                 else:
-                    pw, pw1 = _pow_r(dd, r)
+                    flo = cm
+                tl.store(frow + c, flo.to(tl.int8), mask=cm)
+        else:
+            # ---- tiled fallback: passes over the row in global memory ------------------
+            mean = 0.0
+            std = 1.0
+            if STANDARDIZE:
+                acc = tl.zeros([BLOCK], tl.float32)
+                for start in range(0, n, BLOCK):
+                    c = start + tl.arange(0, BLOCK)
+                    acc += tl.load(urow + c, mask=c < n, other=0.0)
+                mean = tl.sum(acc, 0) / nf
+                acc = tl.zeros([BLOCK], tl.float32)
+                for start in range(0, n, BLOCK):
+                    c = start + tl.arange(0, BLOCK)
+                    cm = c < n
+                    dv = tl.where(cm, tl.load(urow + c, mask=cm, other=0.0) - mean, 0.0)
+                    acc += dv * dv
+                std = tl.maximum(tl.sqrt(tl.sum(acc, 0) / nf), STD_EPS)
+            zmax_t = tl.full([BLOCK], float("-inf"), tl.float32)
+            for start in range(0, n, BLOCK):
+                c = start + tl.arange(0, BLOCK)
+                cm = c < n
+                u = tl.load(urow + c, mask=cm, other=0.0)
+                if STANDARDIZE:
+                    z = score_scale * (u - mean) / std
+                else:
+                    z = score_scale * u
+                tl.store(urow + c, z, mask=cm)
+                zmax_t = tl.maximum(zmax_t, tl.where(cm, z, float("-inf")))
+            tl.debug_barrier()
+            ymax = tl.max(zmax_t, 0) * am1
+            it = tl.full([], 0, tl.int32)
+            moving = tl.full([], 1, tl.int32)
+            while (it < N_ITER) & (moving != 0):      # exact early exit: see above
+                Fa = tl.zeros([BLOCK], tl.float32)
+                Sa = tl.zeros([BLOCK], tl.float32)
+                for start in range(0, n, BLOCK):
+                    c = start + tl.arange(0, BLOCK)
+                    cm = c < n
+                    z = tl.load(urow + c, mask=cm, other=0.0)
+                    pw, pw1 = _entmax_terms(z, cm, ymax, tau, am1, r, POW_MODE)
                     Fa += pw
                     Sa += pw1
-            F, S1 = tl.split(tl.sum(tl.join(Fa, Sa), 1))     # F(tau), sum d^(r-1)
-            tau_ev = tau
-            F_ev = F
-            if POW_MODE == 2:
-                Finv = 1.0 / tl.sqrt(F)
-            elif POW_MODE == 1:
-                Finv = 1.0 / F
-            else:
-                Finv = tl.exp2(-am1 * tl.log2(F))
-            # Newton step on g: -g/g' = F (1 - F^(-1/r)) / sum d^(r-1)
-            nxt = tau + F * (1.0 - Finv) / tl.maximum(S1, TINY)
-            tau = tl.where(nxt <= hi, tl.maximum(nxt, -1.0), 0.5 * (tau + hi))
-        tau = tau_ev                       # the last evaluated point and its sum
-        Fz = tl.maximum(F_ev, TINY)
-
-        # ---- 4. pbar = mean_h p_h -> workspace; max pbar ------------------------------
-        pmax_t = tl.zeros([BLOCK_P], tl.float32)
-        for start in range(0, n, BLOCK_P):
-            c = start + tl.arange(0, BLOCK_P)
-            cm = c < n
-            z = tl.load(ws + g[:, None] * stride_wr + c[None, :],
-                        mask=gm[:, None] & cm[None, :], other=0.0)
-            y = tl.maximum(z * am1 - ymax[:, None], -2.0)
-            dd = tl.where(cm[None, :], tl.maximum(y - tau[:, None], 0.0), 0.0)
-            if POW_MODE == 2:
-                pw = dd * dd
-            elif POW_MODE == 1:
-                pw = dd
-            else:
-                pw, pw1 = _pow_r(dd, r)
-            p = tl.where(gm[:, None], pw / Fz[:, None], 0.0)
-            pbar = tl.sum(p, 0) / G
-            tl.store(ws_p + c, pbar, mask=cm)
-            pmax_t = tl.maximum(pmax_t, pbar)
-        pmax = tl.max(pmax_t, 0)
-
-        # ---- 5. floor: k-th largest z per head (exact bisection on the int keys) --------
-        kf = tl.minimum(min_blocks, n)
-        f_thr = tl.zeros([G_P2], tl.int64)
-        f_need = tl.zeros([G_P2], tl.int32)
-        if HAS_MIN:
-            if kf < n:          # else every valid block is in the floor (f_thr = 0)
-                # invariant: #{key >= lo} >= kf > #{key >= lo + width} = cnt_hi
-                lo = tl.zeros([G_P2], tl.int64)
-                cnt_hi = tl.zeros([G_P2], tl.int32)
-                width = tl.full([], 1 << 32, tl.int64)
-                for it in range(BISECT):
-                    width = width // 2
-                    mid = lo + width
-                    acc_c = tl.zeros([G_P2, BLOCK_P], tl.int32)
-                    for start in range(0, n, BLOCK_P):
-                        c = start + tl.arange(0, BLOCK_P)
-                        cm = c < n
-                        z = tl.load(ws + g[:, None] * stride_wr + c[None, :],
-                                    mask=gm[:, None] & cm[None, :], other=0.0)
-                        acc_c += (cm[None, :] & (_ukey(z) >= mid[:, None])).to(tl.int32)
-                    cnt = tl.sum(acc_c, 1)
-                    ge = cnt >= kf
-                    lo = tl.where(ge, mid, lo)
-                    cnt_hi = tl.where(ge, cnt_hi, cnt)
-                f_thr = lo                       # key of the k-th largest z
-                f_need = kf - cnt_hi             # how many of the ties at f_thr (lowest ids)
-        tl.debug_barrier()
-
-        # ---- 6. flags per block -> workspace; counts ----------------------------------
-        carry = tl.zeros([G_P2], tl.int32)
-        nf_t = tl.zeros([BLOCK_P], tl.int32)
-        nc_t = tl.zeros([BLOCK_P], tl.int32)
-        for start in range(0, n, BLOCK_P):
-            c = start + tl.arange(0, BLOCK_P)
-            cm = c < n
-            forced = cm & ((c == n - 1) | (c < sink_blocks) | (c >= n - local_blocks))
-            pbar = tl.load(ws_p + c, mask=cm, other=0.0)
-            floor = c < 0
-            if HAS_MIN or HAS_CAP:
-                z = tl.load(ws + g[:, None] * stride_wr + c[None, :],
-                            mask=gm[:, None] & cm[None, :], other=0.0)
+                F, S1 = _sum2(Fa, Sa)
+                tau_ev = tau
+                F_ev = F
+                nxt = _newton_step(tau, F, S1, hi, am1, POW_MODE, TINY)
+                moving = (nxt != tau).to(tl.int32)
+                tau = nxt
+                it += 1
+            Fz = tl.maximum(F_ev, TINY)
+            for start in range(0, n, BLOCK):
+                c = start + tl.arange(0, BLOCK)
+                cm = c < n
+                z = tl.load(urow + c, mask=cm, other=0.0)
+                pw, pw1 = _entmax_terms(z, cm, ymax, tau_ev, am1, r, POW_MODE)
+                tl.store(prow + c, pw / Fz, mask=cm)
             if HAS_MIN:
-                key = _ukey(z)
-                vm = gm[:, None] & cm[None, :]
-                eq = (vm & (key == f_thr[:, None])).to(tl.int32)
-                cum = tl.cumsum(eq, 1) + carry[:, None]
-                carry += tl.sum(eq, 1)
-                fl = vm & ((key > f_thr[:, None]) | ((eq > 0) & (cum <= f_need[:, None])))
-                floor = tl.max(fl.to(tl.int32), 0) > 0
-            sel = cm & ((pbar > 0.0) | forced | floor)
-            flags = sel.to(tl.int32) + 2 * forced.to(tl.int32) + 4 * floor.to(tl.int32)
-            tl.store(ws_f + c, flags.to(tl.float32), mask=cm)
-            if HAS_CAP:
-                gs = tl.sum(tl.where(gm[:, None], z, 0.0), 0) / G
-                tl.store(ws_g + c, gs, mask=cm)
-            nf_t += forced.to(tl.int32)
-            nc_t += (sel & (~forced)).to(tl.int32)
-        tl.debug_barrier()
+                thr = tl.full([], -2147483648, tl.int32)
+                need = tl.full([], 0, tl.int32)
+                if kf < n:
+                    for it in range(BISECT):
+                        width = width // 2
+                        mid = lo + width
+                        acc_c = tl.zeros([BLOCK], tl.int32)
+                        for start in range(0, n, BLOCK):
+                            c = start + tl.arange(0, BLOCK)
+                            cm = c < n
+                            z = tl.load(urow + c, mask=cm, other=0.0)
+                            acc_c += (cm & (_skey(z) >= mid.to(tl.int32))).to(tl.int32)
+                        cnt = tl.sum(acc_c, 0)
+                        ge = cnt >= kf
+                        lo = tl.where(ge, mid, lo)
+                        cnt_hi = tl.where(ge, cnt_hi, cnt)
+                    thr = lo.to(tl.int32)
+                    need = kf - cnt_hi
+                carry = tl.full([], 0, tl.int32)
+                for start in range(0, n, BLOCK):
+                    c = start + tl.arange(0, BLOCK)
+                    cm = c < n
+                    key = _skey(tl.load(urow + c, mask=cm, other=0.0))
+                    eq = cm & (key == thr)
+                    cum = tl.cumsum(eq.to(tl.int32), 0) + carry
+                    carry += tl.sum(eq.to(tl.int32), 0)
+                    flo = cm & ((kf >= n) | (key > thr) | (eq & (cum <= need)))
+                    tl.store(frow + c, flo.to(tl.int8), mask=cm)
 
-        # ---- 7. cap: top (max_blocks - #forced) of the others by (pbar, gs, -id) --------
-        t1 = tl.full([], 0, tl.int64)
-        t2 = tl.full([], 0, tl.int64)
-        need2 = tl.full([], 0, tl.int32)
+
+# --------------------------------------------------------------------------------------
+# K3a: per KV head pbar, flags, group score; grid (S, Hk, chunks)
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _group_kernel(
+    z_ptr, p_ptr, fl_ptr, lens_ptr, gw_ptr,
+    stride_zs, stride_zh, stride_ps, stride_ph, stride_fs, stride_fh,
+    stride_gs, stride_gh, stride_gr,
+    block_size, sink_blocks, local_blocks, dense_below,
+    G: tl.constexpr, G_P2: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_MIN: tl.constexpr, HAS_CAP: tl.constexpr,
+):
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    start = tl.program_id(2) * CHUNK
+    n, active = _active(lens_ptr, s, block_size, dense_below)
+    if active & (start < n):
+        c = start + tl.arange(0, CHUNK)
+        cm = c < n
+        g = tl.arange(0, G_P2)
+        gm = g < G                      # rows >= G: all-zero dummies, never counted
+        hrow = (kvh * G + g)[:, None]
+        m2 = gm[:, None] & cm[None, :]
+        s64 = s.to(tl.int64)
+        p = tl.load(p_ptr + s64 * stride_ps + hrow * stride_ph + c[None, :], mask=m2,
+                    other=0.0)
+        pbar = tl.sum(p, 0) / G
+        forced = cm & ((c == n - 1) | (c < sink_blocks) | (c >= n - local_blocks))
+        floor = c < 0
+        if HAS_MIN:
+            f = tl.load(fl_ptr + s64 * stride_fs + hrow * stride_fh + c[None, :], mask=m2,
+                        other=0)
+            floor = tl.max(f.to(tl.int32), 0) > 0
+        sel = cm & ((pbar > 0.0) | forced | floor)
+        flags = sel.to(tl.int32) + 2 * forced.to(tl.int32) + 4 * floor.to(tl.int32)
+        gw = gw_ptr + s64 * stride_gs + kvh * stride_gh
+        tl.store(gw + c, pbar, mask=cm)
+        tl.store(gw + stride_gr + c, flags.to(tl.float32), mask=cm)
         if HAS_CAP:
-            n_forced = tl.sum(nf_t, 0)
-            n_cand = tl.sum(nc_t, 0)
-            ke = tl.minimum(tl.maximum(max_blocks - n_forced, 0), n_cand)
-            if ke < n_cand:     # else every candidate is kept (t1 = 0)
-                # level 1: the ke-th largest pbar key among the candidates
-                ch1 = tl.full([], 0, tl.int32)
-                wk = tl.full([], 1 << 32, tl.int64)
-                for it in range(BISECT):
-                    wk = wk // 2
-                    midk = t1 + wk
-                    acck = tl.zeros([BLOCK_K1], tl.int32)
-                    for start in range(0, n, BLOCK_K1):
-                        ck = start + tl.arange(0, BLOCK_K1)
-                        cmk = ck < n
-                        flk = tl.load(ws_f + ck, mask=cmk, other=0.0).to(tl.int32)
-                        kpk = _ukey(tl.load(ws_p + ck, mask=cmk, other=0.0))
-                        acck += (cmk & ((flk & 3) == 1) & (kpk >= midk)).to(tl.int32)
-                    cntk = tl.sum(acck, 0)
-                    gek = cntk >= ke
-                    t1 = tl.where(gek, midk, t1)
-                    ch1 = tl.where(gek, ch1, cntk)
-                need1 = ke - ch1
-                # level 2: among the candidates tied at t1, the need1-th largest group score
-                ch2 = tl.full([], 0, tl.int32)
-                wk = tl.full([], 1 << 32, tl.int64)
-                for it in range(BISECT):
-                    wk = wk // 2
-                    midk = t2 + wk
-                    acck = tl.zeros([BLOCK_K1], tl.int32)
-                    for start in range(0, n, BLOCK_K1):
-                        ck = start + tl.arange(0, BLOCK_K1)
-                        cmk = ck < n
-                        flk = tl.load(ws_f + ck, mask=cmk, other=0.0).to(tl.int32)
-                        kpk = _ukey(tl.load(ws_p + ck, mask=cmk, other=0.0))
-                        kgk = _ukey(tl.load(ws_g + ck, mask=cmk, other=0.0))
-                        tiek = cmk & ((flk & 3) == 1) & (kpk == t1)
-                        acck += (tiek & (kgk >= midk)).to(tl.int32)
-                    cntk = tl.sum(acck, 0)
-                    gek = cntk >= need1
-                    t2 = tl.where(gek, midk, t2)
-                    ch2 = tl.where(gek, ch2, cntk)
-                need2 = need1 - ch2
+            z = tl.load(z_ptr + s64 * stride_zs + hrow * stride_zh + c[None, :], mask=m2,
+                        other=0.0)
+            gs = tl.sum(tl.where(gm[:, None], z, 0.0), 0) / G
+            tl.store(gw + 2 * stride_gr + c, gs, mask=cm)
 
-        # ---- 8. compaction in ascending logical order ----------------------------------
-        pos0 = tl.full([], 0, tl.int32)
-        tie_carry = tl.full([], 0, tl.int32)
-        pnorm = tl.maximum(pmax, TINY)
-        for start in range(0, n, BLOCK_P):
-            c = start + tl.arange(0, BLOCK_P)
+
+# --------------------------------------------------------------------------------------
+# K3b: cap and compaction; grid (S, Hk)
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _compact_kernel(
+    bt_ptr, lens_ptr, ids_ptr, lp_ptr, cnt_ptr, gw_ptr,
+    stride_bts, stride_btb,
+    stride_is, stride_ih, stride_ib,
+    stride_ls, stride_lh, stride_lb,
+    stride_cs, stride_ch,
+    stride_gs, stride_gh, stride_gr,
+    block_size, max_blocks, dense_below,
+    RESIDENT: tl.constexpr, BLOCK: tl.constexpr, PRIOR_MAX: tl.constexpr,
+    HAS_CAP: tl.constexpr, BISECT: tl.constexpr, RADIX: tl.constexpr, TINY: tl.constexpr,
+):
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    n, active = _active(lens_ptr, s, block_size, dense_below)
+    s64 = s.to(tl.int64)
+    bt_row = bt_ptr + s64 * stride_bts
+    ids_row = ids_ptr + s64 * stride_is + kvh * stride_ih
+    lp_row = lp_ptr + s64 * stride_ls + kvh * stride_lh
+    gw_p = gw_ptr + s64 * stride_gs + kvh * stride_gh      # pbar
+    gw_f = gw_p + stride_gr                                 # flags: 1 sel, 2 forced, 4 floor
+    gw_g = gw_p + 2 * stride_gr                             # group-mean z (cap only)
+    if active == 0:
+        # dense (or empty): every block of the sequence, flat prior
+        for start in range(0, n, BLOCK):
+            c = start + tl.arange(0, BLOCK)
             cm = c < n
-            fl = tl.load(ws_f + c, mask=cm, other=0.0).to(tl.int32)
-            pbar = tl.load(ws_p + c, mask=cm, other=0.0)
-            sel = (fl & 1) != 0
+            pid = tl.load(bt_row + c * stride_btb, mask=cm, other=0)
+            tl.store(ids_row + c * stride_ib, pid.to(tl.int32), mask=cm)
+            tl.store(lp_row + c * stride_lb, tl.zeros([BLOCK], tl.float32), mask=cm)
+        tl.store(cnt_ptr + s * stride_cs + kvh * stride_ch, n)
+    else:
+        t1 = tl.full([], -2147483648, tl.int64)
+        t2 = tl.full([], -2147483648, tl.int64)
+        ch1 = tl.full([], 0, tl.int32)
+        ch2 = tl.full([], 0, tl.int32)
+        wk = tl.full([], 1 << 32, tl.int64)
+        wk2 = tl.full([], 1 << 32, tl.int64)
+        if RESIDENT:
+            c = tl.arange(0, BLOCK)
+            cm = c < n
+            fl = tl.load(gw_f + c, mask=cm, other=0.0).to(tl.int32)
+            pbar = tl.load(gw_p + c, mask=cm, other=0.0)
+            sel = cm & ((fl & 1) != 0)
             forced = (fl & 2) != 0
             floor = (fl & 4) != 0
-            keep = sel & cm
+            pmax = tl.max(pbar, 0)
+            keep = sel
             if HAS_CAP:
                 cand = sel & (~forced)
-                kp = _ukey(pbar)
-                kg = _ukey(tl.load(ws_g + c, mask=cm, other=0.0))
-                tie = (cand & (kp == t1) & (kg == t2)).to(tl.int32)
-                cum = tl.cumsum(tie, 0) + tie_carry
-                tie_carry += tl.sum(tie, 0)
-                win = (kp > t1) | ((kp == t1) & ((kg > t2) | ((tie > 0) & (cum <= need2))))
-                keep = cm & (forced | (cand & win))
+                n_forced = tl.sum(forced.to(tl.int32), 0)
+                n_cand = tl.sum(cand.to(tl.int32), 0)
+                ke = tl.minimum(tl.maximum(max_blocks - n_forced, 0), n_cand)
+                if ke < n_cand:     # else every candidate is kept
+                    kp = _skey(pbar)
+                    kg = _skey(tl.load(gw_g + c, mask=cm, other=0.0))
+                    # level 1: the ke-th largest pbar key among the candidates
+                    k1, c1 = _kth_largest(kp, cand, ke, RADIX)
+                    need1 = ke - c1
+                    tie1 = cand & (kp == k1)
+                    # level 2: among those, the need1-th largest group score
+                    k2, c2 = _kth_largest(kg, tie1, need1, RADIX)
+                    need2 = need1 - c2
+                    tie = tie1 & (kg == k2)
+                    cum = tl.cumsum(tie.to(tl.int32), 0)
+                    win = (kp > k1) | ((kp == k1) & ((kg > k2) | (tie & (cum <= need2))))
+                    keep = forced | (cand & win)
             if PRIOR_MAX:
-                prior = pbar / pnorm
+                prior = pbar / tl.maximum(pmax, TINY)
             else:
                 prior = pbar
             logp = tl.where(forced | floor, 0.0,
                             tl.log(tl.maximum(tl.where(keep, prior, 1.0), TINY)))
             kint = keep.to(tl.int32)
-            pos = pos0 + tl.cumsum(kint, 0) - 1
+            pos = tl.cumsum(kint, 0) - 1
             pid = tl.load(bt_row + c * stride_btb, mask=cm, other=0)
             tl.store(ids_row + pos * stride_ib, pid.to(tl.int32), mask=keep)
             tl.store(lp_row + pos * stride_lb, logp, mask=keep)
-            pos0 += tl.sum(kint, 0)
-        tl.store(cnt_ptr + s * stride_cs + kvh * stride_ch, pos0)
+            tl.store(cnt_ptr + s * stride_cs + kvh * stride_ch, tl.sum(kint, 0))
+        else:
+            # ---- tiled fallback ----------------------------------------------------------
+            pmax_t = tl.zeros([BLOCK], tl.float32)
+            nf_t = tl.zeros([BLOCK], tl.int32)
+            nc_t = tl.zeros([BLOCK], tl.int32)
+            for start in range(0, n, BLOCK):
+                c = start + tl.arange(0, BLOCK)
+                cm = c < n
+                fl = tl.load(gw_f + c, mask=cm, other=0.0).to(tl.int32)
+                pmax_t = tl.maximum(pmax_t, tl.load(gw_p + c, mask=cm, other=0.0))
+                nf_t += ((fl & 2) != 0).to(tl.int32)
+                nc_t += ((fl & 3) == 1).to(tl.int32)
+            pmax = tl.max(pmax_t, 0)
+            need2 = tl.full([], 0, tl.int32)
+            capped = tl.full([], 0, tl.int32)
+            if HAS_CAP:
+                n_forced = tl.sum(nf_t, 0)
+                n_cand = tl.sum(nc_t, 0)
+                ke = tl.minimum(tl.maximum(max_blocks - n_forced, 0), n_cand)
+                if ke < n_cand:
+                    capped = tl.full([], 1, tl.int32)
+                    for it in range(BISECT):
+                        wk = wk // 2
+                        mid = t1 + wk
+                        acck = tl.zeros([BLOCK], tl.int32)
+                        for start in range(0, n, BLOCK):
+                            c = start + tl.arange(0, BLOCK)
+                            cm = c < n
+                            fl = tl.load(gw_f + c, mask=cm, other=0.0).to(tl.int32)
+                            kp = _skey(tl.load(gw_p + c, mask=cm, other=0.0))
+                            acck += (cm & ((fl & 3) == 1)
+                                     & (kp >= mid.to(tl.int32))).to(tl.int32)
+                        cnt = tl.sum(acck, 0)
+                        ge = cnt >= ke
+                        t1 = tl.where(ge, mid, t1)
+                        ch1 = tl.where(ge, ch1, cnt)
+                    need1 = ke - ch1
+                    for it in range(BISECT):
+                        wk2 = wk2 // 2
+                        mid = t2 + wk2
+                        acck = tl.zeros([BLOCK], tl.int32)
+                        for start in range(0, n, BLOCK):
+                            c = start + tl.arange(0, BLOCK)
+                            cm = c < n
+                            fl = tl.load(gw_f + c, mask=cm, other=0.0).to(tl.int32)
+                            kp = _skey(tl.load(gw_p + c, mask=cm, other=0.0))
+                            kg = _skey(tl.load(gw_g + c, mask=cm, other=0.0))
+                            tk = cm & ((fl & 3) == 1) & (kp == t1.to(tl.int32))
+                            acck += (tk & (kg >= mid.to(tl.int32))).to(tl.int32)
+                        cnt = tl.sum(acck, 0)
+                        ge = cnt >= need1
+                        t2 = tl.where(ge, mid, t2)
+                        ch2 = tl.where(ge, ch2, cnt)
+                    need2 = need1 - ch2
+            k1 = t1.to(tl.int32)
+            k2 = t2.to(tl.int32)
+            pos0 = tl.full([], 0, tl.int32)
+            tie_carry = tl.full([], 0, tl.int32)
+            pnorm = tl.maximum(pmax, TINY)
+            for start in range(0, n, BLOCK):
+                c = start + tl.arange(0, BLOCK)
+                cm = c < n
+                fl = tl.load(gw_f + c, mask=cm, other=0.0).to(tl.int32)
+                pbar = tl.load(gw_p + c, mask=cm, other=0.0)
+                sel = cm & ((fl & 1) != 0)
+                forced = (fl & 2) != 0
+                floor = (fl & 4) != 0
+                keep = sel
+                if HAS_CAP:
+                    cand = sel & (~forced)
+                    kp = _skey(pbar)
+                    kg = _skey(tl.load(gw_g + c, mask=cm, other=0.0))
+                    tie = (cand & (kp == k1) & (kg == k2)).to(tl.int32)
+                    cum = tl.cumsum(tie, 0) + tie_carry
+                    tie_carry += tl.sum(tie, 0)
+                    win = (kp > k1) | ((kp == k1) & ((kg > k2) | ((tie > 0) & (cum <= need2))))
+                    keep = forced | (cand & ((capped == 0) | win))
+                if PRIOR_MAX:
+                    prior = pbar / pnorm
+                else:
+                    prior = pbar
+                logp = tl.where(forced | floor, 0.0,
+                                tl.log(tl.maximum(tl.where(keep, prior, 1.0), TINY)))
+                kint = keep.to(tl.int32)
+                pos = pos0 + tl.cumsum(kint, 0) - 1
+                pid = tl.load(bt_row + c * stride_btb, mask=cm, other=0)
+                tl.store(ids_row + pos * stride_ib, pid.to(tl.int32), mask=keep)
+                tl.store(lp_row + pos * stride_lb, logp, mask=keep)
+                pos0 += tl.sum(kint, 0)
+            tl.store(cnt_ptr + s * stride_cs + kvh * stride_ch, pos0)
 
 
 # --------------------------------------------------------------------------------------
@@ -412,25 +591,31 @@ def _select_kernel(
 class SelectWorkspace:
     """Scratch memory of :func:`select_blocks_paged`, sized once from capacities.
 
-    ``scratch`` fp32 [max_num_seqs, Hk, G + 3, max_blocks_per_seq]: per (sequence, KV head)
-    the G heads' block scores, then pbar, flags and the group-mean score. Allocate it once
-    (before CUDA-graph capture) and pass it to every call: the call then allocates nothing.
+    ``scores`` fp32 [max_num_seqs, Hq, n]: per (sequence, query head) the block scores u,
+    then z in place; ``probs`` fp32 [max_num_seqs, Hq, n]: the head's entmax probabilities;
+    ``floor`` int8 [max_num_seqs, Hq, n]: the head's min_blocks floor flags; ``group`` fp32
+    [max_num_seqs, Hk, 3, n]: per (sequence, KV head) pbar, flags and the group-mean score
+    (n = max_blocks_per_seq). Allocate it once (before CUDA-graph capture) and pass it to
+    every call: the call then allocates nothing.
     """
 
     def __init__(self, max_num_seqs: int, num_q_heads: int, num_kv_heads: int,
                  max_blocks_per_seq: int, device=None):
-        G = ref._check_heads(num_q_heads, num_kv_heads)
+        ref._check_heads(num_q_heads, num_kv_heads)
         self.max_num_seqs = int(max_num_seqs)
         self.num_q_heads = int(num_q_heads)
         self.num_kv_heads = int(num_kv_heads)
         self.max_blocks_per_seq = int(max_blocks_per_seq)
-        self.scratch = torch.empty(self.max_num_seqs, num_kv_heads, G + 3,
-                                   max(self.max_blocks_per_seq, 1), dtype=torch.float32,
-                                   device=device)
+        S, n = self.max_num_seqs, max(self.max_blocks_per_seq, 1)
+        self.scores = torch.empty(S, num_q_heads, n, dtype=torch.float32, device=device)
+        self.probs = torch.empty(S, num_q_heads, n, dtype=torch.float32, device=device)
+        self.floor = torch.empty(S, num_q_heads, n, dtype=torch.int8, device=device)
+        self.group = torch.empty(S, num_kv_heads, 3, n, dtype=torch.float32, device=device)
 
     @property
     def nbytes(self) -> int:
-        return self.scratch.numel() * self.scratch.element_size()
+        return sum(t.numel() * t.element_size()
+                   for t in (self.scores, self.probs, self.floor, self.group))
 
     def fits(self, num_seqs: int, num_q_heads: int, num_kv_heads: int,
              max_blocks_per_seq: int) -> bool:
@@ -480,10 +665,11 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
     out_counts     int32 [>=S, Hk]
     Entries past a row's count are left as they were. Other arguments: as
     :func:`reference.select_blocks`. ``workspace``: a :class:`SelectWorkspace` that fits
-    (otherwise one is allocated for this call). One launch, grid (S, Hk), no host sync.
-    ``n_iter``: Newton passes of the entmax threshold. ``tile``: blocks per tile of the
-    per-block passes (a power of two >= 16; default from the capacity; tests use small
-    tiles to exercise the carries between tiles).
+    (otherwise one is allocated for this call). Four launches with fixed grids, no host sync.
+    ``n_iter``: Newton passes of the entmax threshold. ``tile``: None (default) keeps a
+    row in registers when ``max_blocks_per_seq <= 8192`` and otherwise loops over tiles;
+    an int (a power of two >= 16) forces the tiled loops with that many blocks per tile
+    (tests use small tiles to exercise the carries between tiles).
     """
     ref.validate_dash_args(block_size=block_size, alpha=alpha, score_scale=score_scale,
                            sink_blocks=sink_blocks, local_blocks=local_blocks,
@@ -525,28 +711,50 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     G_P2 = max(2, triton.next_power_of_2(G))
     D_P2 = max(16, triton.next_power_of_2(D))
-    BLOCK_N = 32            # fewest registers (the dot tile is [D, BLOCK_N] fp32)
-    BLOCK_P = max(64, min(triton.next_power_of_2(max(nmax, 1)), 4096 // G_P2))
-    BLOCK_K1 = max(64, min(triton.next_power_of_2(max(nmax, 1)), 4096))
-    if tile is not None:
-        BLOCK_N = min(BLOCK_N, tile)
-        BLOCK_P = BLOCK_K1 = tile
-    ws = workspace.scratch
-    _select_kernel[(S, Hk)](
-        q, summaries, block_table, seq_lens, out_block_ids, out_log_prior, out_counts, ws,
-        *q.stride(), *summaries.stride(), *block_table.stride(),
-        *out_block_ids.stride(), *out_log_prior.stride(), *out_counts.stride(),
-        ws.stride(0), ws.stride(1), ws.stride(2),
-        scale, float(score_scale), alpha - 1.0, 1.0 / (alpha - 1.0), block_size,
-        sink_blocks, local_blocks, 0 if max_blocks is None else max_blocks, min_blocks,
+    n_p2 = max(16, triton.next_power_of_2(max(nmax, 1)))
+    resident = tile is None and n_p2 <= _RESIDENT_MAX
+    if resident:
+        row_block = n_p2                       # the whole row in registers
+    else:
+        row_block = tile if tile is not None else min(n_p2, _FALLBACK_TILE)
+    chunk1 = min(_SCORE_CHUNK, n_p2) if tile is None else min(_SCORE_CHUNK, tile)
+    chunk3 = max(16, min(n_p2, 2048 // G_P2)) if tile is None else tile
+    row_warps = min(16, max(4, row_block // 512))
+    ws = workspace
+    u, p, fl, gw = ws.scores, ws.probs, ws.floor, ws.group
+    _scores_kernel[(S, Hk, triton.cdiv(nmax, chunk1))](
+        q, summaries, block_table, seq_lens, u,
+        *q.stride(), *summaries.stride(), *block_table.stride(), u.stride(0), u.stride(1),
+        scale, block_size, dense_below,
+        G=G, G_DOT=max(16, triton.next_power_of_2(G)), D=D, D_P2=D_P2, CHUNK=chunk1,
+        DOT_PRECISION="tf32x3", num_warps=4,
+    )
+    _threshold_kernel[(S, Hq)](
+        u, p, fl, seq_lens,
+        u.stride(0), u.stride(1), p.stride(0), p.stride(1), fl.stride(0), fl.stride(1),
+        float(score_scale), alpha - 1.0, 1.0 / (alpha - 1.0), block_size, min_blocks,
         dense_below,
-        G=G, G_DOT=max(16, triton.next_power_of_2(G)), G_P2=G_P2, D=D, D_P2=D_P2,
-        BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, N_ITER=n_iter, POW_MODE=_pow_mode(alpha),
-        STANDARDIZE=score_norm == "standardize", PRIOR_MAX=prior_norm == "max",
-        HAS_MIN=min_blocks > 0, HAS_CAP=max_blocks is not None, BISECT=_BISECT_STEPS,
-        BLOCK_K1=BLOCK_K1,
-        STD_EPS=ref.STD_EPS, TINY=_TINY, DOT_PRECISION="tf32x3",
-        num_warps=4,
+        N_ITER=n_iter, POW_MODE=_pow_mode(alpha), STANDARDIZE=score_norm == "standardize",
+        HAS_MIN=min_blocks > 0, RESIDENT=resident, BLOCK=row_block, BISECT=_BISECT_STEPS,
+        RADIX=_RADIX_BITS,
+        STD_EPS=ref.STD_EPS, TINY=_TINY, num_warps=row_warps,
+    )
+    _group_kernel[(S, Hk, triton.cdiv(nmax, chunk3))](
+        u, p, fl, seq_lens, gw,
+        u.stride(0), u.stride(1), p.stride(0), p.stride(1), fl.stride(0), fl.stride(1),
+        gw.stride(0), gw.stride(1), gw.stride(2),
+        block_size, sink_blocks, local_blocks, dense_below,
+        G=G, G_P2=G_P2, CHUNK=chunk3, HAS_MIN=min_blocks > 0,
+        HAS_CAP=max_blocks is not None, num_warps=4,
+    )
+    _compact_kernel[(S, Hk)](
+        block_table, seq_lens, out_block_ids, out_log_prior, out_counts, gw,
+        *block_table.stride(), *out_block_ids.stride(), *out_log_prior.stride(),
+        *out_counts.stride(), gw.stride(0), gw.stride(1), gw.stride(2),
+        block_size, 0 if max_blocks is None else max_blocks, dense_below,
+        RESIDENT=resident, BLOCK=row_block, PRIOR_MAX=prior_norm == "max",
+        HAS_CAP=max_blocks is not None, BISECT=_BISECT_STEPS, RADIX=_RADIX_BITS, TINY=_TINY,
+        num_warps=row_warps,
     )
 
 

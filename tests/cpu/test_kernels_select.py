@@ -17,9 +17,11 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from vllm_dash.kernels import reference as ref
-from vllm_dash.kernels.select import (SelectWorkspace, select_blocks_paged,
+from vllm_dash.kernels.select import (SelectWorkspace, _kth_largest, select_blocks_paged,
                                       select_blocks_paged_torch)
 
 # the interpreter's scalar __index__ (range over a loaded length) warns on NumPy >= 1.25
@@ -402,3 +404,97 @@ def test_argument_errors():
                             out_block_ids=torch.zeros(2, Hk, bt.shape[1], dtype=torch.int32),
                             out_log_prior=torch.zeros(2, Hk, bt.shape[1]),
                             out_counts=torch.zeros(2, Hk), block_size=B)
+
+
+# --------------------------------------------------------------------------------------
+# the register-resident rows vs the tiled fallback, the radix select
+# --------------------------------------------------------------------------------------
+PATH_SETTINGS = [
+    dict(alpha=1.25, min_blocks=5, max_blocks=9, sink_blocks=1, local_blocks=2),
+    dict(alpha=2.0, score_norm="standardize", min_blocks=3, prior_norm="max"),
+    dict(score_scale=1.5, max_blocks=6, min_blocks=30, dense_below=10 * 16),
+]
+
+
+@pytest.mark.parametrize("path", ["resident", "tile16", "fallback"])
+def test_resident_and_tiled_paths(path, monkeypatch):
+    """The same data through the three code paths of K2 / K3b: rows in registers (the
+    default at these sizes), tiles forced by ``tile``, and the automatic fallback for rows
+    longer than _RESIDENT_MAX (lowered here, with several fallback tiles per row).
+    (tile=16 with the first two settings is test_multi_tile_carries.)"""
+    import vllm_dash.kernels.select as sel_mod
+    Hq, Hk, D, B = 8, 2, 32, 16
+    lens = [50 * B + 5, 23 * B, 3 * B + 1, 0]
+    q, summ, bt, lt = make_case(4, Hq, Hk, D, B, [max(L, 1) for L in lens], seed=31,
+                                q_scale=3.0)
+    lt = torch.tensor(lens, dtype=torch.int32)
+    tile = 16 if path == "tile16" else None
+    if path == "fallback":
+        monkeypatch.setattr(sel_mod, "_RESIDENT_MAX", 32)
+        monkeypatch.setattr(sel_mod, "_FALLBACK_TILE", 32)
+    for kw in PATH_SETTINGS[2:] if path == "tile16" else PATH_SETTINGS:
+        (ids, lp, cnt), _, _ = check(q[:3], summ, bt[:3], lt[:3], block_size=B, tile=tile,
+                                     **kw)
+    ids, lp, cnt = run_kernel(q, summ, bt, lt, block_size=B, tile=tile, **PATH_SETTINGS[0])
+    assert cnt[3].tolist() == [0, 0]
+
+
+def test_large_row_register_path():
+    """A row of ~1500 blocks in registers (BLOCK 2048): floor ties and a binding cap over
+    exactly tied scores at that size, and random data with a floor + cap."""
+    Hq, Hk, D, B = 4, 1, 32, 16
+    n = 1500
+    lens = [n * B - 3]
+    q, summ, bt, lt = make_case(1, Hq, Hk, D, B, lens, seed=77, q_scale=3.0)
+    check(q, summ, bt, lt, block_size=B, min_blocks=9, max_blocks=40, sink_blocks=2,
+          local_blocks=3, alpha=1.25, max_flips=2, check_margin=False)
+    phys = bt[0, :n].long()
+    qdir = q[0].float().sum(0)
+    qdir = qdir / qdir.norm()
+    summ[phys] = -2.0 * qdir                          # weak
+    summ[phys[700:703]] = 4.0 * qdir                  # strong, tied
+    summ[phys[100:1400:13]] = 1.0 * qdir              # middle level, tied
+    middle = list(range(100, 1400, 13))
+    for kw, want in (
+        (dict(score_scale=3.0, min_blocks=7), sorted(middle[:4] + [700, 701, 702, n - 1])),
+        (dict(score_scale=3.0, min_blocks=20, max_blocks=8, sink_blocks=1),
+         sorted([0, 700, 701, 702] + middle[:3] + [n - 1])),
+    ):
+        (ids, lp, cnt), _, _ = check(q, summ, bt, lt, block_size=B, check_margin=False, **kw)
+        got = [phys.tolist().index(p) for p in ids[0, 0, :int(cnt[0, 0])].tolist()]
+        assert got == want, (kw, got)
+
+
+@triton.jit
+def _kth_kernel(key_ptr, valid_ptr, out_ptr, n_k, N: tl.constexpr, RB: tl.constexpr):
+    i = tl.arange(0, N)
+    key = tl.load(key_ptr + i)
+    valid = tl.load(valid_ptr + i) != 0
+    for k in range(1, n_k + 1):
+        t, gt = _kth_largest(key, valid, k, RB)
+        tl.store(out_ptr + 2 * (k - 1), t)
+        tl.store(out_ptr + 2 * (k - 1) + 1, gt)
+
+
+def test_kth_largest_radix_select():
+    """kernels.select._kth_largest (radix select over int32 keys) vs torch: extreme keys,
+    many duplicates, masked entries, every k."""
+    g = torch.Generator().manual_seed(4)
+    N = 32
+    pools = [
+        torch.randint(-2**31, 2**31 - 1, (N,), generator=g, dtype=torch.int64),
+        torch.tensor([-2**31, 2**31 - 1, 0, -1, 1] * 6 + [5, -7]),
+        torch.randint(-3, 3, (N,), generator=g, dtype=torch.int64),
+    ]
+    for keys in pools:
+        keys = keys.to(torch.int32)
+        valid = (torch.rand(N, generator=g) < 0.8).to(torch.int32)
+        nv = int(valid.sum())
+        for RB in (4, 2):
+            out = torch.zeros(2 * nv, dtype=torch.int32)
+            _kth_kernel[(1,)](keys, valid, out, nv, N=N, RB=RB)
+            vk = keys[valid.bool()].long().sort(descending=True).values
+            for k in range(1, nv + 1):
+                t = int(vk[k - 1])
+                assert int(out[2 * (k - 1)]) == t, (RB, k)
+                assert int(out[2 * (k - 1) + 1]) == int((vk > t).sum()), (RB, k)

@@ -261,3 +261,52 @@ def test_summaries_cuda_graph_capture_and_replay():
         assert torch.equal(kc, kc_t)
         torch.testing.assert_close(summ, summ_t, rtol=1e-5, atol=1e-5)
     assert math.isfinite(float(summ.abs().sum()))
+
+
+@pytest.mark.parametrize("path", ["tile64", "fallback"])
+def test_select_tiled_paths_gpu(path, monkeypatch):
+    """The tiled K2 / K3b loops (forced by ``tile``, or by lowering the register-resident
+    limit) on the GPU at a real shape, vs the reference, plus their timing."""
+    import vllm_dash.kernels.select as sel_mod
+    S, Hq, Hk, B = 2, 32, 8, 64
+    lens = [64 * 1024, 40_000]
+    kw = dict(alpha=1.25, min_blocks=8, max_blocks=64, sink_blocks=1, local_blocks=2,
+              score_norm="standardize", score_scale=2.0)
+    tile = 64 if path == "tile64" else None
+    if path == "fallback":
+        monkeypatch.setattr(sel_mod, "_RESIDENT_MAX", 256)
+        monkeypatch.setattr(sel_mod, "_FALLBACK_TILE", 256)
+    q, summ, bt, lt = _case(S, Hq, Hk, 128, B, lens, seed=11, q_dtype=torch.bfloat16)
+    ids, lp, cnt, ws = _run(q, summ, bt, lt, block_size=B, tile=tile, **kw)
+    twin = select_blocks_paged_torch(q=q, summaries=summ, block_table=bt, seq_lens=lt,
+                                     block_size=B, **kw)
+    _compare((ids, lp, cnt), twin, bt, max_flips=2 * S)
+    us = _time_us(lambda: select_blocks_paged(
+        q=q, summaries=summ, block_table=bt, seq_lens=lt, out_block_ids=ids, out_log_prior=lp,
+        out_counts=cnt, workspace=ws, block_size=B, tile=tile, **kw))
+    print(f"\nselect {path}: S={S} 32/8 64K B=64: {us:.1f} us")
+
+
+def test_select_exact_ties_large_rows_gpu():
+    """Exactly tied scores over a 2048-block row (register path, radix select on the GPU):
+    the floor and the cap keep the lowest logical blocks, as the reference."""
+    Hq, Hk, D, B = 32, 8, 128, 64
+    n = 2048
+    q, summ, bt, lt = _case(1, Hq, Hk, D, B, [n * B], seed=5, q_dtype=torch.float16)
+    G = Hq // Hk
+    phys = bt[0].long()
+    qdir = q[0].float().view(Hk, G, D).sum(1)
+    qdir = qdir / qdir.norm(dim=-1, keepdim=True)
+    summ[phys] = -2.0 * qdir
+    summ[phys[900:903]] = 4.0 * qdir
+    summ[phys[100:2000:7]] = 1.0 * qdir
+    kw = dict(block_size=B, score_scale=3.0, min_blocks=20, max_blocks=10, sink_blocks=1)
+    ids, lp, cnt, _ = _run(q, summ, bt, lt, **kw)
+    twin = select_blocks_paged_torch(q=q, summaries=summ, block_table=bt, seq_lens=lt, **kw)
+    _compare((ids, lp, cnt), twin, bt, max_flips=0)
+    middle = list(range(100, 2000, 7))
+    want = sorted([0, 900, 901, 902] + middle[:5] + [n - 1])
+    where = {p: c for c, p in enumerate(phys.tolist())}
+    for h in range(Hk):
+        got = [where[p] for p in ids[0, h, :int(cnt[0, h])].tolist()]
+        assert got == want, (h, got)
