@@ -155,19 +155,22 @@ def _threshold_newton(y: torch.Tensor, alpha: float, n_iter: int) -> torch.Tenso
     return tau
 
 
+def _threshold(y: torch.Tensor, alpha: float, n_iter: int) -> torch.Tensor:
+    """tau for prepared rows: exact sort-based for alpha 1.5 and 2, Newton otherwise."""
+    if alpha == 1.5:
+        return _threshold_sort_15(y)
+    if alpha == 2.0:
+        return _threshold_sort_2(y)
+    return _threshold_newton(y, alpha, n_iter)
+
+
 def entmax_threshold(x: torch.Tensor, alpha: float = 1.5, dim: int = -1,
                      n_iter: int = ENTMAX_N_ITER) -> torch.Tensor:
     """The threshold tau of alpha-entmax along ``dim`` for the shifted, scaled rows
     ``(alpha - 1) * (x - max x)`` (returned with ``dim`` kept, compute dtype)."""
     alpha = _check_alpha(alpha)
     y, _ = _prepare(x.movedim(dim, -1), alpha)
-    if alpha == 1.5:
-        tau = _threshold_sort_15(y)
-    elif alpha == 2.0:
-        tau = _threshold_sort_2(y)
-    else:
-        tau = _threshold_newton(y, alpha, n_iter)
-    return tau.movedim(-1, dim)
+    return _threshold(y, alpha, n_iter).movedim(-1, dim)
 
 
 def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1,
@@ -185,12 +188,7 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1,
     alpha = _check_alpha(alpha)
     xt = x.movedim(dim, -1)
     y, empty = _prepare(xt, alpha)
-    if alpha == 1.5:
-        tau = _threshold_sort_15(y)
-    elif alpha == 2.0:
-        tau = _threshold_sort_2(y)
-    else:
-        tau = _threshold_newton(y, alpha, n_iter)
+    tau = _threshold(y, alpha, n_iter)
     p = (y - tau).clamp_min(0.0).pow(1.0 / (alpha - 1.0))
     p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
     p = torch.where(empty | torch.isneginf(xt), torch.zeros_like(p), p)

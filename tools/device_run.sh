@@ -25,7 +25,7 @@ for step in "$@"; do
   case "$step" in
     tests)  log "gpu tests"; timeout 200 python3 -P -m pytest tests/gpu -q -rs -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; tail -3 "$OUT/gpu_tests.txt" | tee -a "$OUT/steps.log" ;;
     bench)  log "kernel bench"; timeout 240 python3 benchmarks/bench_kernels.py --select dash_select_hook:select --warmup 10 --rep 40 --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.txt" 2>&1; tail -2 "$OUT/bench_kernels.txt" | tee -a "$OUT/steps.log" ;;
-    e2e)    log "vllm e2e"; unshare -n sh -c 'ip link set lo up; timeout 330 python3 benchmarks/vllm_e2e_check.py --device cuda --max-model-len 16384 --lengths 600 1500 3000 120 --out "$0/e2e_gpu.json"' "$OUT" > "$OUT/e2e_gpu.txt" 2>&1; tail -30 "$OUT/e2e_gpu.txt" | tee -a "$OUT/steps.log" ;;
+    e2e)    log "vllm e2e"; unshare -n sh -c 'python3 tools/lo_up.py || exit 1; timeout 330 python3 benchmarks/vllm_e2e_check.py --device cuda --max-model-len 16384 --lengths 600 1500 3000 120 --timeout 150 --out "$0/e2e_gpu.json"' "$OUT" > "$OUT/e2e_gpu.txt" 2>&1; tail -30 "$OUT/e2e_gpu.txt" | tee -a "$OUT/steps.log" ;;
     select) log "select bench"; timeout 120 python3 benchmarks/bench_select.py --out "$OUT/bench_select.json" > "$OUT/bench_select.txt" 2>&1; tail -20 "$OUT/bench_select.txt" | tee -a "$OUT/steps.log" ;;
   esac
 done

@@ -25,8 +25,8 @@ _DOC = {
     "alpha": ("a number in (1, 2]", "entmax alpha (1.5: entmax15, 2: sparsemax)"),
     "score_scale": ("a number >= 0, or a list with one number >= 0 per attention layer",
                     "sparsity knob: block scores are multiplied by it (0 = every block)"),
-    "score_scale_file": ("a path to a JSON file written by `vllm-dash calibrate` "
-                         "({\"score_scale\": [per-layer numbers]})",
+    "score_scale_file": ("a path to a JSON file {\"score_scale\": [one number per "
+                         "attention layer]}",
                          "per-layer score_scale from a calibration run"),
     "prior_weight": ("a number in [0, 1]", "weight of log-prior in stage 2 (0 = flat)"),
     "sink_blocks": ("an integer >= 0", "first blocks of every sequence always attended"),
