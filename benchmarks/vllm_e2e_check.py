@@ -61,7 +61,7 @@ def run_engine(args, backend: str, dash: dict | None) -> dict:
            "tokens": [list(o.outputs[0].token_ids) for o in outs],
            "text": [o.outputs[0].text for o in outs]}
     if dash is not None:
-        from vllm_dash.backend import STATS
+        from vllm_dash.stats import STATS
         res["stats"] = STATS.snapshot()
     return res
 

@@ -27,47 +27,10 @@ from vllm.logger import init_logger
 from vllm_dash import compat
 from vllm_dash.config import SUPPORTED_BLOCK_SIZES, DashConfig
 from vllm_dash.kernels import reference
+from vllm_dash.stats import STATS
 
 logger = init_logger("vllm.vllm_dash")  # under "vllm" so vLLM's log config shows it
 HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 256]
-
-
-class DashStats:
-    """Per-layer decode statistics accumulated on the device (no host sync in the step):
-    selected tokens and context tokens summed over (sequence, KV head) and steps.
-    ``snapshot()`` copies them to the host (call it outside the hot path)."""
-
-    def __init__(self):
-        self._acc = {}
-
-    def add(self, layer_idx: int, counts, seq_lens, block_size: int, num_kv_heads: int):
-        acc = self._acc.get(layer_idx)
-        if acc is None:
-            acc = self._acc[layer_idx] = torch.zeros(3, dtype=torch.float64,
-                                                     device=counts.device)
-        lens = seq_lens.to(torch.float64)
-        n = torch.ceil(lens / block_size)
-        # the current (partial) block is always selected: subtract its empty slots
-        tokens = counts.to(torch.float64) * block_size - (n * block_size - lens)[:, None]
-        acc[0] += tokens.sum()
-        acc[1] += lens.sum() * num_kv_heads
-        acc[2] += counts.to(torch.float64).sum()
-
-    def snapshot(self) -> dict:
-        out = {}
-        for layer, acc in sorted(self._acc.items()):
-            sel, ctx, blocks = acc.tolist()
-            out[layer] = {"selected_tokens": sel, "context_tokens": ctx,
-                          "selected_blocks": blocks,
-                          "density": sel / ctx if ctx else None}
-        return out
-
-    def reset(self):
-        self._acc.clear()
-
-
-#: statistics of this process's DASH layers (filled when stats_interval > 0)
-STATS = DashStats()
 
 
 class DashAttentionBackend(AttentionBackend):
@@ -181,6 +144,14 @@ class DashMetadataBuilder(AttentionMetadataBuilder[DashMetadata]):
                                    max_blocks=max_blocks, device=torch.device(device))
         config = DashConfig.from_additional_config(vllm_config.additional_config)
         config.check_num_layers(len(layer_names))
+        self.stats_interval = config.stats_interval
+        self._step = 0
+        self._prev_decodes = 0
+        if self.stats_interval:
+            num_layers = 1 + max(compat.layer_index(n) for n in layer_names)
+            STATS.allocate(num_layers=num_layers, max_num_seqs=max_num_seqs,
+                           num_kv_heads=self.num_kv_heads, block_size=self.block_size,
+                           device=device)
         logger.info("DASH attention backend: block_size=%d, %d layers, device=%s, config=%s",
                     self.block_size, len(layer_names), device, config.to_dict())
 
@@ -188,6 +159,12 @@ class DashMetadataBuilder(AttentionMetadataBuilder[DashMetadata]):
               fast_build: bool = False) -> DashMetadata:
         cam = common_attn_metadata
         num_decodes, num_prefills, num_decode_tokens, _ = compat.split_decodes_and_prefills(cam)
+        if self.stats_interval:
+            # host side, between steps: sample the last step's selection counts (async copy)
+            self._step += 1
+            if self._step % self.stats_interval == 0:
+                STATS.sample(self._prev_decodes)
+            self._prev_decodes = num_decodes
         num_splits = 1
         if self.buffers.decode_ws is not None and num_decodes:
             from vllm_dash.kernels.decode import choose_num_splits
@@ -279,8 +256,8 @@ class DashAttentionImpl(AttentionImpl):
                 info = cpu.decode(self, md, query[:nd], key_cache, value_cache, summaries,
                                   output[:nd], layer_idx)
                 if self.config.stats_interval:
-                    STATS.add(layer_idx, info["counts"], md.seq_lens[:md.num_decodes],
-                              key_cache.shape[1], self.num_kv_heads)
+                    STATS.record(layer_idx, info["counts"].to(torch.int32),
+                                 md.seq_lens[:md.num_decodes])
         if md.num_prefills:
             if kv_cache.is_cuda:
                 self._prefill_gpu(md, query, key_cache, value_cache, output)
@@ -308,7 +285,7 @@ class DashAttentionImpl(AttentionImpl):
                       prior_weight=float(self.config.prior_weight), num_splits=md.num_splits,
                       workspace=b.decode_ws)
         if self.config.stats_interval:
-            STATS.add(layer_idx, b.counts[:S], seq_lens, key_cache.shape[1], self.num_kv_heads)
+            STATS.record(layer_idx, b.counts[:S], seq_lens)
 
     def _prefill_gpu(self, md: DashMetadata, query, key_cache, value_cache, output) -> None:
         nd, nr = md.num_decode_tokens, md.num_decodes

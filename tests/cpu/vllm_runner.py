@@ -38,7 +38,7 @@ def main():
     t3 = time.time()
     stats = None
     if spec.get("dash_stats"):
-        from vllm_dash.backend import STATS
+        from vllm_dash.stats import STATS
         stats = STATS.snapshot()
     result = {{
         "outputs": [
