@@ -4,8 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vllm-dash-setup
 PYTEST_ARGS ?=
+# `make serve`: MODEL empty = the embedded SmolLM2-135M-Instruct; ARGS = more `vllm-dash serve`
+# / `vllm serve` arguments, e.g. make serve MODEL=/path/to/model ARGS="--port 8001"
+MODEL ?=
+ARGS ?=
 
-.PHONY: setup test clean-venv
+.PHONY: setup test serve clean-venv
 
 setup: $(STAMP)
 
@@ -27,6 +31,10 @@ $(STAMP): requirements/cpu.txt requirements/cpu-nodeps.txt requirements/cpu-cons
 
 test: setup
 	$(PY) -m pytest tests/cpu $(PYTEST_ARGS)
+
+# vLLM's OpenAI-compatible server with DASH, in the foreground, on 127.0.0.1:8000 (Ctrl-C stops it).
+serve: setup
+	$(PY) -m vllm_dash.serving.cli serve $(MODEL) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,7 +5,7 @@ Loaded in every vLLM process through its own ``vllm.general_plugins`` entry poin
 server) it chooses the statistics file (``$VLLM_DASH_STATS_FILE``, inherited by the engine
 and worker processes, which write samples to it: vllm_dash.stats) and registers a collector
 in prometheus_client's default registry that reads the file at scrape time. Statistics are
-sampled only when the DASH config has ``stats_interval`` > 0 (``vllm-dash serve`` sets it).
+sampled every ``stats_interval`` decode steps (DASH config; default 16, 0 turns them off).
 
 Metrics (all gauges describe the latest sample; layers are attention-layer indices):
   vllm_dash_decode_density{layer}            selected tokens / context tokens

@@ -35,8 +35,8 @@ _DOC = {
     "max_blocks": ("null or an integer >= sink_blocks + max(local_blocks, 1)",
                    "hard cap on attended blocks per (sequence, KV head)"),
     "dense_below": ("an integer >= 0 (tokens)", "shorter sequences attend densely"),
-    "stats_interval": ("an integer >= 0", "collect selected-block statistics on every "
-                       "decode step when > 0 (0 = off; metrics sample them)"),
+    "stats_interval": ("an integer >= 0", "sample decode statistics (vllm_dash_* metrics) "
+                       "every that many steps; 0 = off"),
     "score_norm": (f"one of {list(SCORE_NORMS)}", "standardize scores per head before entmax"),
     "prior_norm": (f"one of {list(PRIOR_NORMS)}", "normalise the prior by its max"),
 }
@@ -57,7 +57,7 @@ class DashConfig:
     dense_below: int = 0
     score_norm: str = "standardize"
     prior_norm: str = "none"
-    stats_interval: int = 0
+    stats_interval: int = 16
 
     # ---------------------------------------------------------------- construction
     @classmethod
