@@ -64,40 +64,41 @@ class DashCollector:
         data = read_stats(self.path)
         if not data:
             return
+        for name, text, key in _PER_LAYER:
+            g = GaugeMetricFamily(name, text, labels=["layer"])
+            for i, value in enumerate(data.get(key) or []):
+                g.add_metric([str(i)], value)
+            yield g
         dens = data.get("density") or []
-        g = GaugeMetricFamily("vllm_dash_decode_density",
-                              "DASH: selected tokens / context tokens of decode steps (latest "
-                              "sample)", labels=["layer"])
-        for i, d in enumerate(dens):
-            g.add_metric([str(i)], d)
-        yield g
         if dens:
             yield GaugeMetricFamily("vllm_dash_decode_density_mean",
                                     "DASH: decode density averaged over layers (latest sample)",
                                     value=sum(dens) / len(dens))
-        g = GaugeMetricFamily("vllm_dash_selected_blocks_per_head",
-                              "DASH: selected blocks per (sequence, KV head) (latest sample)",
-                              labels=["layer"])
-        for i, b in enumerate(data.get("selected_blocks_per_head") or []):
-            g.add_metric([str(i)], b)
-        yield g
-        yield GaugeMetricFamily("vllm_dash_sample_num_seqs",
-                                "DASH: decode sequences in the latest sample",
-                                value=data.get("num_seqs", 0))
-        yield GaugeMetricFamily("vllm_dash_sample_context_tokens_mean",
-                                "DASH: mean context length in the latest sample",
-                                value=data.get("context_tokens_mean", 0.0))
         yield GaugeMetricFamily("vllm_dash_stats_age_seconds",
                                 "DASH: seconds since the latest sample",
                                 value=max(0.0, time.time() - data.get("time", time.time())))
-        yield CounterMetricFamily("vllm_dash_stats_samples", "DASH: statistics samples taken",
-                                  value=data.get("samples", 0))
-        yield CounterMetricFamily("vllm_dash_selected_tokens",
-                                  "DASH: selected tokens over sampled steps, layers, KV heads",
-                                  value=data.get("selected_tokens_total", 0.0))
-        yield CounterMetricFamily("vllm_dash_context_tokens",
-                                  "DASH: context tokens over sampled steps, layers, KV heads",
-                                  value=data.get("context_tokens_total", 0.0))
+        for kind, name, text, key in _SCALARS:
+            family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            yield family(name, text, value=data.get(key, 0))
+
+
+_PER_LAYER = (
+    ("vllm_dash_decode_density",
+     "DASH: selected tokens / context tokens of decode steps (latest sample)", "density"),
+    ("vllm_dash_selected_blocks_per_head",
+     "DASH: selected blocks per (sequence, KV head) (latest sample)", "selected_blocks_per_head"),
+)
+_SCALARS = (
+    ("gauge", "vllm_dash_sample_num_seqs", "DASH: decode sequences in the latest sample",
+     "num_seqs"),
+    ("gauge", "vllm_dash_sample_context_tokens_mean",
+     "DASH: mean context length in the latest sample", "context_tokens_mean"),
+    ("counter", "vllm_dash_stats_samples", "DASH: statistics samples taken", "samples"),
+    ("counter", "vllm_dash_selected_tokens",
+     "DASH: selected tokens over sampled steps, layers, KV heads", "selected_tokens_total"),
+    ("counter", "vllm_dash_context_tokens",
+     "DASH: context tokens over sampled steps, layers, KV heads", "context_tokens_total"),
+)
 
 
 def register() -> None:

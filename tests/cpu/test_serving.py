@@ -104,7 +104,7 @@ PLAN_CASES = {
     "default": {"args": []},
     "positional": {"args": ["/m"]},
     "model_option": {"args": ["--model", "/m"]},
-    "overrides": {"args": ["/m", "--host", "0.0.0.0", "--port", "9001", "--attention-backend",
+    "overrides": {"args": ["/m", "--host", "127.0.0.2", "--port", "9001", "--attention-backend",
                            "FLEX_ATTENTION", "--max-model-len", "256",
                            "--served-model-name", "x", "--enforce-eager"]},
     "override_spellings": {"args": ["/m", "--port=9001", "--max_model_len", "128",
@@ -118,7 +118,7 @@ PLAN_CASES = {
     "dotted": {"args": ["/m", "--additional-config.dash.alpha", "1.8",
                         "--dash_config", '{"sink_blocks": 0}']},
     "additional_kept": {"args": ["/m", "--additional-config", '{"dash": {"score_scale": 0.5}}']},
-    "host_env": {"args": ["/m"], "env": {"VLLM_DASH_HOST": "0.0.0.0"}},
+    "host_env": {"args": ["/m"], "env": {"VLLM_DASH_HOST": "127.0.0.3"}},
     "gpu": {"args": ["/m"], "on_cpu": False},
     "bad_key": {"args": ["/m", "--dash-config", '{"alpah": 1.5}']},
     "bad_value": {"args": ["/m", "--dash-config", '{"alpha": 3}']},
@@ -184,7 +184,7 @@ def test_plan_user_overrides_kept(plans):
     args = PLAN_CASES["overrides"]["args"]
     assert plans["overrides"]["argv"] == args  # nothing added, nothing reordered
     ns = plans["overrides"]["ns"]
-    assert (ns["host"], ns["port"], ns["attention_backend"]) == ("0.0.0.0", 9001,
+    assert (ns["host"], ns["port"], ns["attention_backend"]) == ("127.0.0.2", 9001,
                                                                  "FLEX_ATTENTION")
     p = plans["override_spellings"]
     assert p["argv"] == [*PLAN_CASES["override_spellings"]["args"], "--host", "127.0.0.1"]
@@ -193,7 +193,7 @@ def test_plan_user_overrides_kept(plans):
     assert p["default_model"] is True
     assert _opt(p["argv"], "--served-model-name") == ["mine"]
     assert _opt(p["argv"], "--max-model-len") == ["1024"]
-    assert plans["host_env"]["ns"]["host"] == "0.0.0.0"
+    assert plans["host_env"]["ns"]["host"] == "127.0.0.3"
 
 
 def test_plan_dash_config_merge(plans):
