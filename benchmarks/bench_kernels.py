@@ -38,7 +38,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 import traceback
 from typing import Callable, Optional
@@ -47,13 +46,10 @@ import torch
 
 if not torch.cuda.is_available():          # CPU smoke run: Triton only runs interpreted
     os.environ.setdefault("TRITON_INTERPRET", "1")
-try:
-    from vllm_dash.kernels.decode import (DecodeWorkspace, choose_num_splits,
-                                          fill_dense_selection, sparse_decode)
-except ImportError:                                    # not installed: use the source tree
-    sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from kernels.decode import (DecodeWorkspace, choose_num_splits,  # noqa: E402
-                                fill_dense_selection, sparse_decode)
+from vllm_dash.kernels.decode import (DecodeWorkspace, choose_num_splits,  # noqa: E402
+                                      fill_dense_selection, sparse_decode)
+from vllm_dash.kernels.fa_tables import (compact_head_major_tables,  # noqa: E402
+                                         head_major_page_view, queries_as_groups)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -166,7 +162,6 @@ def run_config(*, Hq, Hk, batch, ctx, D, B, dtype, densities, prior_weight, num_
     elem = torch.finfo(dtype).bits // 8
     n = -(-ctx // B)
     nb = batch * n
-    G = Hq // Hk
     cache_bytes = 2 * nb * B * Hk * D * elem
     rows = []
     base = dict(heads=f"{Hq}/{Hk}", batch=batch, context=ctx, head_size=D, block_size=B,
@@ -329,15 +324,15 @@ def run_config(*, Hq, Hk, batch, ctx, D, B, dtype, densities, prior_weight, num_
 
             def _fa3s(d=d, k=k):
                 random_selection(bt, Hk, n, k, ids, lp, counts, gen)
-                heads = torch.arange(Hk, device=device, dtype=torch.int32)
-                table = (ids[:batch, :, :k] * Hk + heads[None, :, None]).reshape(batch * Hk, k)
-                used = torch.full((batch * Hk,), (k - 1) * B + (ctx - (n - 1) * B),
-                                  device=device, dtype=torch.int32)
-                qq = q.view(batch * Hk, G, D)
+                table = torch.empty(batch * Hk, ids.shape[2], device=device, dtype=torch.int32)
+                used = torch.empty(batch * Hk, device=device, dtype=torch.int32)
+                compact_head_major_tables(block_ids=ids, counts=counts, seq_lens=seq_lens,
+                                          block_size=B, out_block_table=table,
+                                          out_seqused_k=used)
+                qq = queries_as_groups(q, Hk)
                 cu = torch.arange(batch * Hk + 1, device=device, dtype=torch.int32)
                 o = torch.empty_like(qq)
-                kp = kc.view(nb * Hk, B, 1, D)
-                vp = vc.view(nb * Hk, B, 1, D)
+                kp, vp = head_major_page_view(kc), head_major_page_view(vc)
 
                 def f():
                     fa3(q=qq, k=kp, v=vp, max_seqlen_q=1, cu_seqlens_q=cu, max_seqlen_k=k * B,

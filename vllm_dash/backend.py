@@ -101,6 +101,7 @@ class DashMetadata:
     slot_mapping: torch.Tensor
     num_splits: int
     buffers: "DashBuffers"
+    prefill_query_start_loc: Optional[torch.Tensor] = None   # prefill part, rebased to 0
 
 
 class DashBuffers:
@@ -178,7 +179,9 @@ class DashMetadataBuilder(AttentionMetadataBuilder[DashMetadata]):
             max_query_len=cam.max_query_len, max_seq_len=cam.max_seq_len,
             query_start_loc=cam.query_start_loc, seq_lens=cam.seq_lens,
             block_table=cam.block_table_tensor, slot_mapping=cam.slot_mapping,
-            num_splits=num_splits, buffers=self.buffers)
+            num_splits=num_splits, buffers=self.buffers,
+            prefill_query_start_loc=(cam.query_start_loc[num_decodes:] - num_decode_tokens
+                                     if num_prefills else None))
 
 
 class DashAttentionImpl(AttentionImpl):
@@ -290,7 +293,7 @@ class DashAttentionImpl(AttentionImpl):
     def _prefill_gpu(self, md: DashMetadata, query, key_cache, value_cache, output) -> None:
         nd, nr = md.num_decode_tokens, md.num_decodes
         n = md.num_actual_tokens
-        qsl = md.query_start_loc[nr:] - nd
+        qsl = md.prefill_query_start_loc
         if self._fa is None:
             self._fa = compat.flash_attn_varlen()
         fa, version = self._fa
