@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session for vllm-dash (device tool): install the package, stage vLLM 0.26
 # (../shared/device recipe, carried in the git-ignored .stage/), then run the requested steps.
-#   bash tools/device_run.sh STEP...   steps: tests e2e bench select
+#   bash tools/device_run.sh STEP...   steps: tests e2e bench select serve e2ebench:METHOD,...
 # Results go to $OUT (one file per step). Each step has its own time limit.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,13 +20,18 @@ if [ -d .stage/c00 ]; then
   log "stage vLLM"; bash .stage/tools/install_payload.sh .stage > "$OUT/stage.log" 2>&1 && . /tmp/site/env.sh
   export PYTHONPATH=${PYTHONPATH:-}
 fi
-python3 -c "import torch, vllm_dash.kernels.select as s; print(torch.cuda.get_device_name(0))" 2>&1 | tee -a "$OUT/steps.log"
+python3 -P -c "import torch, vllm_dash.kernels.select as s; print(torch.cuda.get_device_name(0))" 2>&1 | tee -a "$OUT/steps.log"
 for step in "$@"; do
   case "$step" in
     tests)  log "gpu tests"; timeout 200 python3 -P -m pytest tests/gpu -q -rs -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; tail -3 "$OUT/gpu_tests.txt" | tee -a "$OUT/steps.log" ;;
     bench)  log "kernel bench"; timeout 240 python3 benchmarks/bench_kernels.py --select dash_select_hook:select --warmup 10 --rep 40 --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.txt" 2>&1; tail -2 "$OUT/bench_kernels.txt" | tee -a "$OUT/steps.log" ;;
     e2e)    log "vllm e2e"; unshare -n sh -c 'python3 tools/lo_up.py || exit 1; timeout 330 python3 benchmarks/vllm_e2e_check.py --device cuda --max-model-len 16384 --lengths 600 1500 3000 120 --timeout 150 --out "$0/e2e_gpu.json"' "$OUT" > "$OUT/e2e_gpu.txt" 2>&1; tail -30 "$OUT/e2e_gpu.txt" | tee -a "$OUT/steps.log" ;;
     select) log "select bench"; timeout 120 python3 benchmarks/bench_select.py --out "$OUT/bench_select.json" > "$OUT/bench_select.txt" 2>&1; tail -20 "$OUT/bench_select.txt" | tee -a "$OUT/steps.log" ;;
+    serve)  log "gpu serve check"; unshare -n sh -c 'python3 tools/lo_up.py || exit 1; timeout 420 python3 tools/gpu_serve_check.py "$0"' "$OUT" > "$OUT/serve_gpu.txt" 2>&1; tail -25 "$OUT/serve_gpu.txt" | tee -a "$OUT/steps.log" ;;
+    e2ebench:*)
+      m=${step#e2ebench:}; log "e2e bench $m"
+      [ -f /tmp/llama8b/config.json ] || python3 .stage/tools/make_dummy_llama.py /tmp/llama8b --preset llama3-8b > "$OUT/make_llama.log" 2>&1
+      unshare -n sh -c 'python3 tools/lo_up.py || exit 1; timeout 570 python3 benchmarks/bench_e2e.py --model /tmp/llama8b --methods "$1" --timeout 330 --out "$0/e2e_bench.json"' "$OUT" "$m" > "$OUT/e2e_bench.txt" 2>&1; tail -25 "$OUT/e2e_bench.txt" | tee -a "$OUT/steps.log" ;;
   esac
 done
 log "done"
