@@ -41,6 +41,7 @@ __all__ = [
     "ENTMAX_TOL",
     "SCORE_NORMS",
     "PRIOR_NORMS",
+    "SELECTORS",
     "STD_EPS",
     "entmax",
     "entmax_threshold",
@@ -62,6 +63,10 @@ ENTMAX_TOL = 1e-5
 #: Floor of the standard deviation in score_norm="standardize" (population std).
 STD_EPS = 1e-6
 SCORE_NORMS = ("none", "standardize")
+#: "entmax": DASH (entmax support, plus forced and floor blocks). "topk": the baseline that
+#: keeps only the forced blocks and each head's min_blocks highest scores (union over the
+#: GQA group), all with prior 1 (Quest / InfLLM-v2 style top-k on the same summaries).
+SELECTORS = ("entmax", "topk")
 PRIOR_NORMS = ("none", "max")
 
 
@@ -205,7 +210,7 @@ def _is_int(v) -> bool:
 def validate_dash_args(*, block_size, alpha=1.5, score_scale=1.0, prior_weight=1.0,
                        sink_blocks=0, local_blocks=0, max_blocks=None, min_blocks=0,
                        dense_below=0, score_norm="none", prior_norm="none",
-                       scale=None) -> None:
+                       scale=None, selector="entmax") -> None:
     """Raise ValueError naming the argument and its allowed values for anything invalid."""
     if not _is_int(block_size) or block_size < 1 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a positive power of two, got {block_size!r}")
@@ -230,6 +235,11 @@ def validate_dash_args(*, block_size, alpha=1.5, score_scale=1.0, prior_weight=1
         raise ValueError(f"score_norm must be one of {SCORE_NORMS}, got {score_norm!r}")
     if prior_norm not in PRIOR_NORMS:
         raise ValueError(f"prior_norm must be one of {PRIOR_NORMS}, got {prior_norm!r}")
+    if selector not in SELECTORS:
+        raise ValueError(f"selector must be one of {SELECTORS}, got {selector!r}")
+    if selector == "topk" and _is_int(min_blocks) and min_blocks < 1:
+        raise ValueError(f"selector 'topk' keeps each head's min_blocks highest-scoring blocks: "
+                         f"min_blocks must be an integer >= 1 (the k), got {min_blocks!r}")
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
                               or not math.isfinite(scale) or scale <= 0):
         raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
@@ -382,7 +392,8 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, seq_lens, *, block_s
                   alpha: float = 1.5, score_scale: float = 1.0, sink_blocks: int = 0,
                   local_blocks: int = 0, max_blocks: Optional[int] = None,
                   min_blocks: int = 0, dense_below: int = 0, score_norm: str = "none",
-                  prior_norm: str = "none", scale: Optional[float] = None) -> Selection:
+                  prior_norm: str = "none", scale: Optional[float] = None,
+                  selector: str = "entmax") -> Selection:
     """Stage 1 for decode queries q [S, Hq, D] against per-sequence block summaries
     [S, Hk, n_max, D] (logical order). See the module docstring for the rules.
 
@@ -391,13 +402,15 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, seq_lens, *, block_s
       * local_blocks counts the last blocks including the current one;
       * the floor (min_blocks) takes each head's highest z (ties: lower block id);
       * the cap (max_blocks) keeps forced blocks first, then the largest pbar, then the
-        largest mean score of the group (floor blocks that entmax did not pick).
+        largest mean score of the group (floor blocks that entmax did not pick);
+      * selector "topk": no entmax (p and pbar are zero, so nothing beyond the floor): the
+        selection is the forced blocks plus the floor (min_blocks >= 1 is the k).
     """
     validate_dash_args(block_size=block_size, alpha=alpha, score_scale=score_scale,
                        sink_blocks=sink_blocks, local_blocks=local_blocks,
                        max_blocks=max_blocks, min_blocks=min_blocks,
                        dense_below=dense_below, score_norm=score_norm,
-                       prior_norm=prior_norm, scale=scale)
+                       prior_norm=prior_norm, scale=scale, selector=selector)
     S, Hq, D = q.shape
     Hk, n_max = summaries.shape[1], summaries.shape[2]
     G = _check_heads(Hq, Hk)
@@ -420,6 +433,8 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, seq_lens, *, block_s
     z = z.masked_fill(~valid[:, None, :], float("-inf"))
 
     p = entmax(z, alpha=alpha, dim=-1)                                 # [S, Hq, n_max]
+    if selector == "topk":
+        p = torch.zeros_like(p)                     # no entmax support: floor + forced only
     pbar = p.view(S, Hk, G, n_max).mean(2)                             # [S, Hk, n_max]
 
     forced = (c[None, :] == (n - 1)[:, None])                          # current block
@@ -520,6 +535,7 @@ def dash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
                    sink_blocks: int = 0, local_blocks: int = 0,
                    max_blocks: Optional[int] = None, min_blocks: int = 0,
                    dense_below: int = 0, score_norm: str = "none", prior_norm: str = "none",
+                   selector: str = "entmax",
                    scale: Optional[float] = None, seq_lens=None, lengths=None):
     """One DASH decode step on a contiguous cache.
 
@@ -536,7 +552,7 @@ def dash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
                        prior_weight=prior_weight, sink_blocks=sink_blocks,
                        local_blocks=local_blocks, max_blocks=max_blocks,
                        min_blocks=min_blocks, dense_below=dense_below,
-                       score_norm=score_norm, prior_norm=prior_norm, scale=scale)
+                       score_norm=score_norm, prior_norm=prior_norm, scale=scale, selector=selector)
     _check_shapes(q, k, v)
     lens = _seq_lens_tensor(seq_lens, q.shape[0], k.shape[2], q.device)
     kbar = block_summaries(k, block_size, lens)
@@ -544,7 +560,7 @@ def dash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
                         score_scale=score_scale, sink_blocks=sink_blocks,
                         local_blocks=local_blocks, max_blocks=max_blocks,
                         min_blocks=min_blocks, dense_below=dense_below,
-                        score_norm=score_norm, prior_norm=prior_norm, scale=scale)
+                        score_norm=score_norm, prior_norm=prior_norm, scale=scale, selector=selector)
     out = sparse_attention(q, k, v, sel, prior_weight=prior_weight, scale=scale)
     return out, _info(sel)
 
@@ -556,6 +572,7 @@ def dash_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
                          sink_blocks: int = 0, local_blocks: int = 0,
                          max_blocks: Optional[int] = None, min_blocks: int = 0,
                          dense_below: int = 0, score_norm: str = "none",
+                         selector: str = "entmax",
                          prior_norm: str = "none", scale: Optional[float] = None):
     """One DASH decode step on vLLM's paged layout.
 
@@ -573,7 +590,7 @@ def dash_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
                        prior_weight=prior_weight, sink_blocks=sink_blocks,
                        local_blocks=local_blocks, max_blocks=max_blocks,
                        min_blocks=min_blocks, dense_below=dense_below,
-                       score_norm=score_norm, prior_norm=prior_norm, scale=scale)
+                       score_norm=score_norm, prior_norm=prior_norm, scale=scale, selector=selector)
     if key_cache.shape != value_cache.shape:
         raise ValueError(f"value_cache shape {tuple(value_cache.shape)} differs from "
                          f"key_cache shape {tuple(key_cache.shape)}")
@@ -596,7 +613,7 @@ def dash_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
                         sink_blocks=sink_blocks, local_blocks=local_blocks,
                         max_blocks=max_blocks, min_blocks=min_blocks,
                         dense_below=dense_below, score_norm=score_norm,
-                        prior_norm=prior_norm, scale=scale)
+                        prior_norm=prior_norm, scale=scale, selector=selector)
     out = sparse_attention(q, k, v, sel, prior_weight=prior_weight, scale=scale)
     return out, _info(sel, block_table)
 

@@ -219,7 +219,7 @@ def _threshold_kernel(
     N_ITER: tl.constexpr, POW_MODE: tl.constexpr, STANDARDIZE: tl.constexpr,
     HAS_MIN: tl.constexpr, RESIDENT: tl.constexpr, BLOCK: tl.constexpr,
     BISECT: tl.constexpr, RADIX: tl.constexpr, STD_EPS: tl.constexpr,
-    TINY: tl.constexpr,
+    TINY: tl.constexpr, ENTMAX: tl.constexpr,
 ):
     s = tl.program_id(0)
     h = tl.program_id(1)
@@ -255,19 +255,22 @@ def _threshold_kernel(
             ymax = tl.max(tl.where(cm, z, float("-inf")), 0) * am1
             # the iteration is a deterministic map tau -> step(tau): once a step returns
             # its input every later pass would repeat it, so stopping there is exact
-            it = tl.full([], 0, tl.int32)
-            moving = tl.full([], 1, tl.int32)
-            while (it < N_ITER) & (moving != 0):
-                pw, pw1 = _entmax_terms(z, cm, ymax, tau, am1, r, POW_MODE)
-                F, S1 = _sum2(pw, pw1)
-                tau_ev = tau
-                F_ev = F
-                nxt = _newton_step(tau, F, S1, hi, am1, POW_MODE, TINY)
-                moving = (nxt != tau).to(tl.int32)
-                tau = nxt
-                it += 1
-            pw, pw1 = _entmax_terms(z, cm, ymax, tau_ev, am1, r, POW_MODE)
-            tl.store(prow + c, pw / tl.maximum(F_ev, TINY), mask=cm)
+            if ENTMAX:
+                it = tl.full([], 0, tl.int32)
+                moving = tl.full([], 1, tl.int32)
+                while (it < N_ITER) & (moving != 0):
+                    pw, pw1 = _entmax_terms(z, cm, ymax, tau, am1, r, POW_MODE)
+                    F, S1 = _sum2(pw, pw1)
+                    tau_ev = tau
+                    F_ev = F
+                    nxt = _newton_step(tau, F, S1, hi, am1, POW_MODE, TINY)
+                    moving = (nxt != tau).to(tl.int32)
+                    tau = nxt
+                    it += 1
+                pw, pw1 = _entmax_terms(z, cm, ymax, tau_ev, am1, r, POW_MODE)
+                tl.store(prow + c, pw / tl.maximum(F_ev, TINY), mask=cm)
+            else:                                   # top-k: no entmax support
+                tl.store(prow + c, tl.zeros([BLOCK], tl.float32), mask=cm)
             if HAS_MIN:
                 key = _skey(z)
                 if kf < n:
@@ -311,6 +314,8 @@ def _threshold_kernel(
             ymax = tl.max(zmax_t, 0) * am1
             it = tl.full([], 0, tl.int32)
             moving = tl.full([], 1, tl.int32)
+            if not ENTMAX:                             # top-k: no threshold passes
+                moving = tl.full([], 0, tl.int32)
             while (it < N_ITER) & (moving != 0):      # exact early exit: see above
                 Fa = tl.zeros([BLOCK], tl.float32)
                 Sa = tl.zeros([BLOCK], tl.float32)
@@ -334,6 +339,8 @@ def _threshold_kernel(
                 cm = c < n
                 z = tl.load(urow + c, mask=cm, other=0.0)
                 pw, pw1 = _entmax_terms(z, cm, ymax, tau_ev, am1, r, POW_MODE)
+                if not ENTMAX:
+                    pw = tl.zeros([BLOCK], tl.float32)
                 tl.store(prow + c, pw / Fz, mask=cm)
             if HAS_MIN:
                 thr = tl.full([], -2147483648, tl.int32)
@@ -648,7 +655,7 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
                         max_blocks: Optional[int] = None, min_blocks: int = 0,
                         dense_below: int = 0, score_norm: str = "none",
                         prior_norm: str = "none", scale: Optional[float] = None,
-                        workspace: Optional[SelectWorkspace] = None,
+                        selector: str = "entmax", workspace: Optional[SelectWorkspace] = None,
                         n_iter: int = ENTMAX_ITERS, tile: Optional[int] = None) -> None:
     """Stage 1 on the paged layout: fill the preallocated compacted selection outputs.
 
@@ -675,7 +682,7 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
                            sink_blocks=sink_blocks, local_blocks=local_blocks,
                            max_blocks=max_blocks, min_blocks=min_blocks,
                            dense_below=dense_below, score_norm=score_norm,
-                           prior_norm=prior_norm, scale=scale)
+                           prior_norm=prior_norm, scale=scale, selector=selector)
     if q.dim() != 3:
         raise ValueError(f"q must be [num_seqs, Hq, D], got {tuple(q.shape)}")
     S, Hq, D = q.shape
@@ -737,7 +744,7 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
         N_ITER=n_iter, POW_MODE=_pow_mode(alpha), STANDARDIZE=score_norm == "standardize",
         HAS_MIN=min_blocks > 0, RESIDENT=resident, BLOCK=row_block, BISECT=_BISECT_STEPS,
         RADIX=_RADIX_BITS,
-        STD_EPS=ref.STD_EPS, TINY=_TINY, num_warps=row_warps,
+        STD_EPS=ref.STD_EPS, TINY=_TINY, ENTMAX=selector == "entmax", num_warps=row_warps,
     )
     _group_kernel[(S, Hk, triton.cdiv(nmax, chunk3))](
         u, p, fl, seq_lens, gw,

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from vllm_dash.kernels.reference import PRIOR_NORMS, SCORE_NORMS, validate_dash_args
+from vllm_dash.kernels.reference import PRIOR_NORMS, SCORE_NORMS, SELECTORS, validate_dash_args
 
 __all__ = ["DashConfig", "SUPPORTED_BLOCK_SIZES", "config_help"]
 
@@ -39,6 +39,8 @@ _DOC = {
                        "every that many steps; 0 = off"),
     "score_norm": (f"one of {list(SCORE_NORMS)}", "standardize scores per head before entmax"),
     "prior_norm": (f"one of {list(PRIOR_NORMS)}", "normalise the prior by its max"),
+    "selector": (f"one of {list(SELECTORS)}",
+                 "entmax = DASH; topk = baseline: only forced blocks + min_blocks per head"),
 }
 
 
@@ -58,6 +60,7 @@ class DashConfig:
     score_norm: str = "standardize"
     prior_norm: str = "none"
     stats_interval: int = 16
+    selector: str = "entmax"
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -109,7 +112,8 @@ class DashConfig:
         if mb is not None and (not isinstance(mb, int) or isinstance(mb, bool)
                                or mb < self.sink_blocks + max(self.local_blocks, 1)):
             raise bad("max_blocks", mb)
-        for key, values in (("score_norm", SCORE_NORMS), ("prior_norm", PRIOR_NORMS)):
+        for key, values in (("score_norm", SCORE_NORMS), ("prior_norm", PRIOR_NORMS),
+                            ("selector", SELECTORS)):
             if getattr(self, key) not in values:
                 raise bad(key, getattr(self, key))
         if not _is_number(self.alpha) or not (1.0 < self.alpha <= 2.0):
@@ -126,7 +130,8 @@ class DashConfig:
                            prior_weight=float(self.prior_weight), sink_blocks=self.sink_blocks,
                            local_blocks=self.local_blocks, max_blocks=self.max_blocks,
                            min_blocks=self.min_blocks, dense_below=self.dense_below,
-                           score_norm=self.score_norm, prior_norm=self.prior_norm)
+                           score_norm=self.score_norm, prior_norm=self.prior_norm,
+                           selector=self.selector)
 
     def check_num_layers(self, num_layers: int) -> None:
         """A per-layer score_scale must have one entry per attention layer."""
@@ -146,7 +151,7 @@ class DashConfig:
                     sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
                     max_blocks=self.max_blocks, min_blocks=self.min_blocks,
                     dense_below=self.dense_below, score_norm=self.score_norm,
-                    prior_norm=self.prior_norm)
+                    prior_norm=self.prior_norm, selector=self.selector)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -498,3 +498,49 @@ def test_kth_largest_radix_select():
                 t = int(vk[k - 1])
                 assert int(out[2 * (k - 1)]) == t, (RB, k)
                 assert int(out[2 * (k - 1) + 1]) == int((vk > t).sum()), (RB, k)
+
+
+# --------------------------------------------------------------------------------------
+# selector "topk": the baseline (forced blocks + each head's min_blocks best, prior 1)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tile", [None, 16])
+def test_topk_selector(tile):
+    Hq, Hk, D, B = 8, 2, 32, 16
+    lens = [50 * B + 5, 23 * B, 3 * B + 1]
+    q, summ, bt, lt = make_case(3, Hq, Hk, D, B, lens, seed=41, q_scale=3.0)
+    G = Hq // Hk
+    for kw in (dict(min_blocks=4, sink_blocks=1, local_blocks=1),
+               dict(min_blocks=6, score_norm="standardize", score_scale=2.0, sink_blocks=1,
+                    local_blocks=2, max_blocks=9)):
+        (ids, lp, cnt), twin, _ = check(q, summ, bt, lt, block_size=B, tile=tile,
+                                        selector="topk", check_margin=False, **kw)
+        sel = twin[3]
+        for s, L in enumerate(lens):
+            n = -(-L // B)
+            table = bt[s, :n].tolist()
+            for h in range(Hk):
+                k = int(cnt[s, h])
+                assert (lp[s, h, :k] == 0).all(), "top-k: flat prior"
+                got = sorted(table.index(p) for p in ids[s, h, :k].tolist())
+                # expected: forced blocks + union over the group of each head's top-k
+                want = {n - 1} | set(range(min(kw["sink_blocks"], n))) | \
+                    set(range(max(n - kw["local_blocks"], 0), n))
+                z = sel.scores[s, h * G:(h + 1) * G, :n]
+                kk = min(kw["min_blocks"], n)
+                for g in range(G):
+                    want |= set(torch.sort(z[g], descending=True, stable=True)
+                                .indices[:kk].tolist())
+                if "max_blocks" in kw and len(want) > kw["max_blocks"]:
+                    assert k == kw["max_blocks"] and set(got) <= want
+                else:
+                    assert got == sorted(want), (s, h)
+        # entmax would select a different set: the selector really changes something
+        ent = run_kernel(q, summ, bt, lt, block_size=B, **kw)
+        assert not torch.equal(ent[2], cnt) or not torch.equal(ent[0], ids)
+
+
+def test_topk_needs_min_blocks():
+    with pytest.raises(ValueError, match="min_blocks"):
+        ref.validate_dash_args(block_size=16, selector="topk", min_blocks=0)
+    with pytest.raises(ValueError, match="selector"):
+        ref.validate_dash_args(block_size=16, selector="quest")

@@ -81,6 +81,9 @@ SELECT_CASES = [
      dict(alpha=1.25, min_blocks=8, max_blocks=64, sink_blocks=1, local_blocks=2)),
     (8, 32, 8, 64, [96 * 1024 + 1000 * i for i in range(8)], torch.float16,
      dict(alpha=2.0, prior_norm="max", dense_below=96 * 1024 + 2500)),
+    (4, 32, 8, 64, [128 * 1024, 64 * 1024 + 7, 32 * 1024, 4096], torch.bfloat16,
+     dict(selector="topk", min_blocks=16, sink_blocks=1, local_blocks=2,
+          score_norm="standardize")),
 ]
 
 
