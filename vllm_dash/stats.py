@@ -63,6 +63,9 @@ class DashStats:
         if self.counts.is_cuda and torch.cuda.is_current_stream_capturing():
             return
         self._finish(block=False)
+        if self._discard:                  # the step before a reset() belongs to the old run
+            self._discard = False
+            return
         if self._pending is not None or num_decodes <= 0:
             return
         S = num_decodes
@@ -129,6 +132,10 @@ class DashStats:
             pass                       # statistics never break serving
 
     def reset(self) -> None:
+        """Start over (e.g. between the runs of an evaluation): drop the totals, a pending
+        copy and the not yet sampled last step of the previous run."""
+        self._pending = None
+        self._discard = self.counts is not None
         self.samples = 0
         self.last = None
         self.sum_selected: list = []

