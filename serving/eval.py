@@ -98,7 +98,8 @@ def _engine_kwargs(spec: dict, dash_engine: bool) -> dict:
         kw.update(dtype="bfloat16", gpu_memory_utilization=spec.get("gpu_memory_utilization",
                                                                     0.8))
     else:
-        kw.update(dtype="float32", kv_cache_memory_bytes=spec.get("kv_cache_bytes", 1 << 30),
+        kw.update(dtype="float32", kv_cache_memory_bytes=int(spec.get("cpu_kv_cache_gib", 1)
+                                                              * (1 << 30)),
                   max_num_batched_tokens=spec.get("max_num_batched_tokens", 2048))
     if dash_engine:
         kw.update(attention_backend="CUSTOM", additional_config={"dash": dict(BASE)})
@@ -357,9 +358,7 @@ def run_eval(args) -> dict:
         keep = set(args.only.split(","))
         methods = [m for m in methods if m["name"] in keep or m.get("family") in keep]
     tok = AutoTokenizer.from_pretrained(args.model)
-    max_model_len = args.max_model_len or int(getattr(tok, "model_max_length", 8192))
-    if max_model_len > 10 ** 7:
-        max_model_len = 8192
+    max_model_len = _max_model_len(args, tok)
     samples = make_all_samples(tok, tasks, args.lengths, args.samples, args.seed,
                                max_model_len)
     calib = []
@@ -370,7 +369,8 @@ def run_eval(args) -> dict:
     device = args.device or ("cuda" if _cuda() else "cpu")
     spec = {"model": args.model, "device": device, "max_model_len": max_model_len,
             "samples": samples, "max_num_seqs": args.max_num_seqs,
-            "gpu_memory_utilization": args.gpu_memory_utilization}
+            "gpu_memory_utilization": args.gpu_memory_utilization,
+            "cpu_kv_cache_gib": args.cpu_kv_cache_gib}
     runs = []
     t0 = time.time()
     engines = []
@@ -425,8 +425,7 @@ def run_eval(args) -> dict:
 def run_calibrate(args) -> dict:
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(args.model)
-    max_model_len = args.max_model_len or min(int(getattr(tok, "model_max_length", 8192)),
-                                              10 ** 6)
+    max_model_len = _max_model_len(args, tok)
     calib = make_all_samples(tok, ("passkey", "niah_multikey_2"), [args.length],
                              max(1, args.samples // 2), args.seed, max_model_len)
     device = args.device or ("cuda" if _cuda() else "cpu")
@@ -448,6 +447,22 @@ def run_calibrate(args) -> dict:
           f"(score_norm {BASE['score_norm']}); use it with "
           f"--additional-config '{{\"dash\": {{\"score_scale_file\": \"{args.out}\"}}}}'")
     return out
+
+
+def _max_model_len(args, tokenizer) -> int:
+    """--max-model-len, else the model's max_position_embeddings (config.json), else the
+    tokenizer's model_max_length when it is a real limit, else 8192."""
+    if args.max_model_len:
+        return int(args.max_model_len)
+    try:
+        with open(os.path.join(args.model, "config.json")) as f:
+            n = json.load(f).get("max_position_embeddings")
+        if isinstance(n, int) and n > 0:
+            return n
+    except (OSError, ValueError):
+        pass
+    n = int(getattr(tokenizer, "model_max_length", 0) or 0)
+    return n if 0 < n < 10 ** 7 else 8192
 
 
 def _cuda() -> bool:
@@ -477,6 +492,8 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.8,
                     help="GPU: the KV cache should hold every prompt (prefix caching)")
+    ap.add_argument("--cpu-kv-cache-gib", type=float, default=1.0,
+                    help="CPU: KV cache size (fp32; make it hold every prompt of a run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per engine")
 

@@ -105,3 +105,34 @@ def test_engine_cut_short_keeps_finished_runs(tmp_path):
     script.write_text("import sys; sys.exit('boom')\n")
     with pytest.raises(RuntimeError, match="boom"):
         dash_eval._spawn(spec, 30.0, log=lambda m: None, cmd=[sys.executable, str(script)])
+
+
+tiny_llama_dir = models_fixtures.tiny_llama_dir
+
+
+@needs_netns
+@pytest.mark.slow
+def test_calibrate_writes_a_loadable_score_scale_file(tmp_path, tiny_llama_dir,  # noqa: F811
+                                                      vllm_cache_root):  # noqa: F811
+    out = tmp_path / "scales.json"
+    cmd = [sys.executable, "-m", "vllm_dash.serving.cli", "calibrate", "--model",
+           str(tiny_llama_dir), "--device", "cpu", "--target-density", "0.3", "--length", "1024",
+           "--samples", "2", "--grid", "0.5", "2", "8", "--max-num-seqs", "4", "--out", str(out)]
+    proc = run_isolated(cmd, env={"TORCH_COMPILE_DISABLE": "1", "OMP_NUM_THREADS": "1",
+                                  "VLLM_CACHE_ROOT": str(vllm_cache_root),
+                                  "TRITON_INTERPRET": None},
+                        timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    data = json.loads(out.read_text())
+    grid = {float(k): v for k, v in data["grid"].items()}
+    assert sorted(grid) == [0.5, 2.0, 8.0]
+    n_layers = len(data["score_scale"])
+    assert n_layers == 2 and all(len(v) == n_layers for v in grid.values())
+    # density falls as the scale grows, and the chosen scales reproduce the interpolation
+    for layer in range(n_layers):
+        assert grid[0.5][layer] >= grid[8.0][layer]
+    assert data["score_scale"] == dash_eval.calibrate_scales(grid, 0.3)
+    from vllm_dash.config import DashConfig
+    cfg = DashConfig.from_mapping({"score_scale_file": str(out)})
+    cfg.check_num_layers(n_layers)
+    assert list(cfg.score_scale) == data["score_scale"]
