@@ -160,11 +160,15 @@ def run_child(spec: dict) -> dict:
         from vllm_dash.stats import STATS
 
         def use(dash: dict) -> None:
+            # the engine samples on its start-up interval: the layers must record every step
+            dash = {**dash, "stats_interval": BASE["stats_interval"]}
             llm.apply_model(lambda model: set_runtime_config(model, dash))
 
         # calibration grid (only when a method asks for it): per-layer density per scale
         per_scale: dict = {}
-        if calib and any("calibrate" in m for m in spec["methods"]):
+        deadline = spec.get("deadline")
+        if calib and any("calibrate" in m for m in spec["methods"]) and \
+                not (deadline and time.time() > deadline):
             for s in spec.get("calib_grid", CALIB_GRID):
                 use({**BASE, "score_scale": s})
                 STATS.reset()
@@ -173,9 +177,8 @@ def run_child(spec: dict) -> dict:
             _emit({"calibration": {str(k): v for k, v in per_scale.items()}})
         # method outside, length inside: with a KV cache that holds every prompt (prefix
         # caching), a method costs only its decode steps
-        deadline = spec.get("deadline")
         for m in spec["methods"]:
-            if deadline and time.time() > deadline:
+            if (deadline and time.time() > deadline) or ("calibrate" in m and not per_scale):
                 skipped.append(m["name"])
                 continue
             dash = dict(m["dash"])
@@ -222,18 +225,25 @@ def _spawn(spec: dict, timeout: float, log, cmd: Optional[list] = None) -> dict:
     log(f"vllm-dash eval: {spec['engine']} engine, {len(spec['methods'])} method(s), "
         f"{len(spec['samples'])} samples")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+                            errors="replace", env=env, start_new_session=True)
     error = None
+
+    def stop() -> tuple:
+        os.killpg(proc.pid, 15)              # the child's own process group only
+        try:
+            return proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            return proc.communicate()
+
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 15)              # the child's own process group only
-        try:
-            stdout, stderr = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            stdout, stderr = proc.communicate()
+        stdout, stderr = stop()
         error = f"timeout after {timeout:.0f} s"
+    except BaseException:                    # Ctrl-C, ...: never leave the engine running
+        stop()
+        raise
     finally:
         os.unlink(path)
     lines = stdout.splitlines()
@@ -245,7 +255,7 @@ def _spawn(spec: dict, timeout: float, log, cmd: Optional[list] = None) -> dict:
     results = [r for r in rows if "method" in r]
     calib = [r["calibration"] for r in rows if "calibration" in r]
     error = error or f"exit {proc.returncode}"
-    if not results:
+    if not results and not calib:
         raise RuntimeError(f"vllm-dash eval: the {spec['engine']} engine failed ({error}):\n"
                            f"{(stderr or stdout)[-4000:]}")
     log(f"vllm-dash eval: the {spec['engine']} engine stopped early ({error}); keeping its "
@@ -324,6 +334,8 @@ def pareto_png(rows: list[dict], path: str, title: str) -> Optional[str]:
     except ImportError as e:
         return f"not written: {e}"
     lengths = sorted({r["length"] for r in rows})
+    if not lengths:
+        return "not written: no results"
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.2), squeeze=False)
     for ax, L in zip(axes[0], lengths):
         cell = [r for r in rows if r["length"] == L]
@@ -357,6 +369,8 @@ def run_eval(args) -> dict:
     if args.only:
         keep = set(args.only.split(","))
         methods = [m for m in methods if m["name"] in keep or m.get("family") in keep]
+        if not methods:
+            raise SystemExit(f"vllm-dash eval: --only {args.only!r} matches no method")
     tok = AutoTokenizer.from_pretrained(args.model)
     max_model_len = _max_model_len(args, tok)
     samples = make_all_samples(tok, tasks, args.lengths, args.samples, args.seed,
@@ -383,42 +397,60 @@ def run_eval(args) -> dict:
     if args.time_budget:
         for e in engines:
             e["deadline"] = t0 + args.time_budget
-    info = {}
+    info: dict = {}
+    fam = {m["name"]: m.get("family") for m in methods}
+    report: dict = {}
     for i, e in enumerate(engines):
         _progress(i, len(engines), f"{e['engine']} engine")
         timeout = args.timeout
-        if args.time_budget:           # a method started before the budget ends may finish
-            timeout = min(timeout, max(30.0, t0 + args.time_budget + 90 - time.time()))
-        res = _spawn(e, timeout, log=lambda m: print("\n" + m, file=sys.stderr))
-        info[e["engine"]] = {"init_s": res["init_s"], "skipped": res.get("skipped", []),
-                             "error": res.get("error")}
-        if res.get("skipped"):
-            print(f"\nvllm-dash eval: time budget reached, not run: {res['skipped']}",
-                  file=sys.stderr)
-        if "calibration" in res:
-            info["calibration_grid"] = res["calibration"]
-        fam = {m["name"]: m.get("family") for m in methods}
-        for r in res["results"]:
-            r["family"] = fam.get(r["method"], "dense")
-        runs += res["results"]
+        if args.time_budget:   # a method started before the budget ends may finish; start-up
+            timeout = min(timeout, max(180.0, t0 + args.time_budget + 90 - time.time()))
+        try:
+            res = _spawn(e, timeout, log=lambda m: print("\n" + m, file=sys.stderr))
+        except RuntimeError as err:            # keep the other engine's results
+            print(f"\n{err}", file=sys.stderr)
+            info[e["engine"]] = {"error": str(err)[-2000:]}
+        else:
+            info[e["engine"]] = {"init_s": res["init_s"], "skipped": res.get("skipped", []),
+                                 "error": res.get("error")}
+            if res.get("calibration"):
+                info["calibration_grid"] = res["calibration"]
+            for r in res["results"]:
+                r["family"] = fam.get(r["method"], "dense")
+            runs += res["results"]
+        report = _write_report(args, tasks, samples, runs, methods, info, device,
+                               max_model_len, t0)     # after every engine: nothing is lost
     _progress(len(engines), len(engines), "done")
+    print("\n".join(report["table"]))
+    if report["not_run"]:
+        print(f"not run (time budget, timeout or failure): {report['not_run']}",
+              file=sys.stderr)
+    if args.out:
+        print(f"wrote {args.out}, its -samples.json; PNG: {report.get('png')}")
+    return report
+
+
+def _write_report(args, tasks, samples, runs, methods, info, device, max_model_len,
+                  t0) -> dict:
     summary = summarize(samples, runs)
+    done = {(r["method"], r["length"]) for r in runs}
+    not_run = [f"{m['name']}@{L}" for m in methods for L in args.lengths
+               if (m["name"], L) not in done]
     report = {"model": os.path.basename(os.path.normpath(args.model)), "device": device,
               "gpu": _gpu_name(), "tasks": tasks, "lengths": args.lengths,
               "samples_per_cell": args.samples, "seed": args.seed,
               "max_model_len": max_model_len, "wall_s": round(time.time() - t0, 1),
-              "engines": info, "methods": methods, "rows": summary["rows"]}
+              "engines": info, "not_run": not_run, "methods": methods,
+              "rows": summary["rows"]}
     report["table"] = table(summary["rows"], tasks).splitlines()
-    print("\n".join(report["table"]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
         with open(os.path.splitext(args.out)[0] + "-samples.json", "w") as f:
             json.dump(summary["samples"], f)
         png = args.png or os.path.splitext(args.out)[0] + ".png"
-        state = pareto_png(summary["rows"], png,
-                           f"{report['model']} ({report['gpu'] or device})")
-        print(f"wrote {args.out}, its -samples.json; PNG {png}: {state}")
+        report["png"] = f"{png}: " + str(pareto_png(
+            summary["rows"], png, f"{report['model']} ({report['gpu'] or device})"))
     return report
 
 
@@ -426,16 +458,21 @@ def run_calibrate(args) -> dict:
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(args.model)
     max_model_len = _max_model_len(args, tok)
+    # the same calibration prompts as eval's calibrated methods (never eval's test prompts)
     calib = make_all_samples(tok, ("passkey", "niah_multikey_2"), [args.length],
-                             max(1, args.samples // 2), args.seed, max_model_len)
+                             max(1, args.samples // 2), args.seed + 1000, max_model_len)
     device = args.device or ("cuda" if _cuda() else "cpu")
     spec = {"model": args.model, "device": device, "max_model_len": max_model_len,
             "samples": [], "calib_samples": calib, "engine": "dash",
             "calib_grid": args.grid, "max_num_seqs": args.max_num_seqs,
+            "gpu_memory_utilization": args.gpu_memory_utilization,
+            "cpu_kv_cache_gib": args.cpu_kv_cache_gib,
             "methods": [{"name": "calib", "calibrate": args.target_density,
                          "dash": dict(BASE)}]}
-    res = _spawn(spec, args.timeout, log=lambda m: print(m, file=sys.stderr))
+    res = _spawn_calibration(spec, args.timeout)
     grid = {float(k): v for k, v in res["calibration"].items()}
+    if len(grid) < 2:
+        raise SystemExit(f"vllm-dash calibrate: only {len(grid)} grid point(s) measured")
     scales = calibrate_scales(grid, args.target_density)
     out = {"score_scale": scales, "target_density": args.target_density,
            "score_norm": BASE["score_norm"], "model": os.path.basename(os.path.normpath(args.model)),
@@ -447,6 +484,15 @@ def run_calibrate(args) -> dict:
           f"(score_norm {BASE['score_norm']}); use it with "
           f"--additional-config '{{\"dash\": {{\"score_scale_file\": \"{args.out}\"}}}}'")
     return out
+
+
+def _spawn_calibration(spec: dict, timeout: float) -> dict:
+    """_spawn (a run that measured the grid and then stopped still counts); a failure
+    becomes a clean exit with the engine's error."""
+    try:
+        return _spawn(spec, timeout, log=lambda m: print(m, file=sys.stderr))
+    except RuntimeError as err:
+        raise SystemExit(f"vllm-dash calibrate: {err}")
 
 
 def _max_model_len(args, tokenizer) -> int:

@@ -165,8 +165,15 @@ def current_vllm_config():
 
 
 def split_decodes_and_prefills(common_attn_metadata):
+    """(num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens) of a reordered
+    batch. A one-token chunk of a prompt (a prefix-cache hit ends one token before the
+    prompt's end; a chunked prefill can leave one token) counts as prefill, so every prompt
+    token goes through dense attention, when the runner says which requests are still
+    prefilling (`is_prefilling`; vLLM's reorder puts such "short extends" after the
+    decodes); otherwise vLLM's default (query length 1 = decode)."""
     from vllm.v1.attention.backends.utils import split_decodes_and_prefills as f
-    return f(common_attn_metadata, decode_threshold=1)
+    known = getattr(common_attn_metadata, "is_prefilling", None) is not None
+    return f(common_attn_metadata, decode_threshold=1, treat_short_extends_as_decodes=not known)
 
 
 def flash_attn_varlen():

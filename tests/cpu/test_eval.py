@@ -136,3 +136,26 @@ def test_calibrate_writes_a_loadable_score_scale_file(tmp_path, tiny_llama_dir, 
     cfg = DashConfig.from_mapping({"score_scale_file": str(out)})
     cfg.check_num_layers(n_layers)
     assert list(cfg.score_scale) == data["score_scale"]
+
+
+def test_failed_engine_keeps_the_other_and_lists_what_did_not_run(tmp_path, tiny_llama_dir,  # noqa: F811
+                                                                   monkeypatch):
+    def fake_spawn(spec, timeout, log, cmd=None):
+        if spec["engine"] == "dash":
+            raise RuntimeError("vllm-dash eval: the dash engine failed (exit 1): boom")
+        cell = [s for s in spec["samples"] if s["length"] == 512]
+        return {"init_s": 1.0, "results": [{"method": "dense", "length": 512, "density": 1.0,
+                                            "texts": [s["answers"][0] for s in cell]}]}
+    monkeypatch.setattr(dash_eval, "_spawn", fake_spawn)
+    out = tmp_path / "acc.json"
+    args = dash_eval.eval_parser().parse_args(
+        ["--model", str(tiny_llama_dir), "--methods", "smoke", "--tasks", "passkey",
+         "--lengths", "512", "--samples", "2", "--device", "cpu", "--out", str(out)])
+    rep = dash_eval.run_eval(args)
+    saved = json.loads(out.read_text())
+    assert saved["not_run"] == rep["not_run"] == ["topk-k2@512", "dash-floor2-s3@512"]
+    assert "boom" in saved["engines"]["dash"]["error"]
+    assert [r["accuracy_mean"] for r in saved["rows"]] == [1.0]
+    with pytest.raises(SystemExit, match="matches no method"):
+        dash_eval.run_eval(dash_eval.eval_parser().parse_args(
+            ["--model", str(tiny_llama_dir), "--only", "nothing"]))
