@@ -229,7 +229,9 @@ def _spec_passkey(rng: random.Random, depth: float) -> _Spec:
         intro=("There is an important piece of information hidden inside a lot of irrelevant "
                "text. Find it and memorize it. I will quiz you about the important "
                "information there.\n\n"),
-        query="\n\nWhat is the pass key? The pass key is",
+        # "... is the number": SmolLM2-135M (HF, fp32, greedy) found 10/10 pass keys at 2K
+        # and 6/6 at 4K with it, 3/10 with "... The pass key is" (it continued "the pass key")
+        query="\n\nWhat is the pass key? The pass key is the number",
         answers=[key],
         stream=_noise_stream(),
         sep=" ",

@@ -65,7 +65,7 @@ def units_before(s: eval_tasks.Sample, text: str) -> int:
 
 def answer_prefix_ok(s: eval_tasks.Sample) -> bool:
     if s.task == "passkey":
-        return s.prompt.endswith("\n\nWhat is the pass key? The pass key is")
+        return s.prompt.endswith("\n\nWhat is the pass key? The pass key is the number")
     if s.task == "vt":
         m = VT_QUERY.search(s.prompt)
         return m is not None
