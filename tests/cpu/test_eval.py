@@ -15,6 +15,12 @@ from vllm_dash.serving import eval as dash_eval
 smollm2_dir = models_fixtures.smollm2_dir
 
 
+def _engine_env(cache_root) -> dict:
+    # as tests/cpu/vllm_runner.py: no inductor probes, one OpenMP thread, a shared vLLM cache
+    return {"TORCH_COMPILE_DISABLE": "1", "OMP_NUM_THREADS": "1",
+            "VLLM_CACHE_ROOT": str(cache_root), "TRITON_INTERPRET": None}
+
+
 def test_calibrate_scales_interpolates_per_layer():
     grid = {0.5: [0.8, 0.5], 1.0: [0.6, 0.3], 2.0: [0.4, 0.1], 4.0: [0.2, 0.05]}
     s = dash_eval.calibrate_scales(grid, 0.3)
@@ -65,9 +71,7 @@ def test_eval_smoke_smollm2(tmp_path, smollm2_dir, vllm_cache_root):  # noqa: F8
     cmd = [sys.executable, "-m", "vllm_dash.serving.eval", "--model", str(smollm2_dir),
            "--device", "cpu", "--methods", "smoke", "--tasks", "passkey", "--lengths", "2048",
            "--samples", "3", "--max-num-seqs", "4", "--out", str(out), "--timeout", "600"]
-    proc = run_isolated(cmd, env={"TORCH_COMPILE_DISABLE": "1", "OMP_NUM_THREADS": "1",
-                                  "VLLM_CACHE_ROOT": str(vllm_cache_root),
-                                  "TRITON_INTERPRET": None},
+    proc = run_isolated(cmd, env=_engine_env(vllm_cache_root),
                         timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-6000:]
     rep = json.loads(out.read_text())
@@ -118,9 +122,7 @@ def test_calibrate_writes_a_loadable_score_scale_file(tmp_path, tiny_llama_dir, 
     cmd = [sys.executable, "-m", "vllm_dash.serving.cli", "calibrate", "--model",
            str(tiny_llama_dir), "--device", "cpu", "--target-density", "0.3", "--length", "1024",
            "--samples", "2", "--grid", "0.5", "2", "8", "--max-num-seqs", "4", "--out", str(out)]
-    proc = run_isolated(cmd, env={"TORCH_COMPILE_DISABLE": "1", "OMP_NUM_THREADS": "1",
-                                  "VLLM_CACHE_ROOT": str(vllm_cache_root),
-                                  "TRITON_INTERPRET": None},
+    proc = run_isolated(cmd, env=_engine_env(vllm_cache_root),
                         timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-6000:]
     data = json.loads(out.read_text())
