@@ -161,7 +161,8 @@ def main():
                          f"holds (at most {MAX_NUM_SEQS})")
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=131072,
-                    help="a context that does not fit with --gen tokens is cut to max_model_len - gen")
+                    help="a context that does not fit with --gen tokens is cut to "
+                         "max_model_len - gen")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     ap.add_argument("--timeout", type=float, default=1800)

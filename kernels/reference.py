@@ -432,9 +432,10 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, seq_lens, *, block_s
         z = score_scale * u
     z = z.masked_fill(~valid[:, None, :], float("-inf"))
 
-    p = entmax(z, alpha=alpha, dim=-1)                                 # [S, Hq, n_max]
-    if selector == "topk":
-        p = torch.zeros_like(p)                     # no entmax support: floor + forced only
+    if selector == "topk":                      # no entmax support: floor + forced only
+        p = torch.zeros_like(z)
+    else:
+        p = entmax(z, alpha=alpha, dim=-1)                             # [S, Hq, n_max]
     pbar = p.view(S, Hk, G, n_max).mean(2)                             # [S, Hk, n_max]
 
     forced = (c[None, :] == (n - 1)[:, None])                          # current block
@@ -552,7 +553,8 @@ def dash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
                        prior_weight=prior_weight, sink_blocks=sink_blocks,
                        local_blocks=local_blocks, max_blocks=max_blocks,
                        min_blocks=min_blocks, dense_below=dense_below,
-                       score_norm=score_norm, prior_norm=prior_norm, scale=scale, selector=selector)
+                       score_norm=score_norm, prior_norm=prior_norm, scale=scale,
+                       selector=selector)
     _check_shapes(q, k, v)
     lens = _seq_lens_tensor(seq_lens, q.shape[0], k.shape[2], q.device)
     kbar = block_summaries(k, block_size, lens)
@@ -560,7 +562,8 @@ def dash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_s
                         score_scale=score_scale, sink_blocks=sink_blocks,
                         local_blocks=local_blocks, max_blocks=max_blocks,
                         min_blocks=min_blocks, dense_below=dense_below,
-                        score_norm=score_norm, prior_norm=prior_norm, scale=scale, selector=selector)
+                        score_norm=score_norm, prior_norm=prior_norm, scale=scale,
+                       selector=selector)
     out = sparse_attention(q, k, v, sel, prior_weight=prior_weight, scale=scale)
     return out, _info(sel)
 
@@ -590,7 +593,8 @@ def dash_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
                        prior_weight=prior_weight, sink_blocks=sink_blocks,
                        local_blocks=local_blocks, max_blocks=max_blocks,
                        min_blocks=min_blocks, dense_below=dense_below,
-                       score_norm=score_norm, prior_norm=prior_norm, scale=scale, selector=selector)
+                       score_norm=score_norm, prior_norm=prior_norm, scale=scale,
+                       selector=selector)
     if key_cache.shape != value_cache.shape:
         raise ValueError(f"value_cache shape {tuple(value_cache.shape)} differs from "
                          f"key_cache shape {tuple(key_cache.shape)}")

@@ -337,11 +337,12 @@ def _threshold_kernel(
             for start in range(0, n, BLOCK):
                 c = start + tl.arange(0, BLOCK)
                 cm = c < n
-                z = tl.load(urow + c, mask=cm, other=0.0)
-                pw, pw1 = _entmax_terms(z, cm, ymax, tau_ev, am1, r, POW_MODE)
-                if not ENTMAX:
-                    pw = tl.zeros([BLOCK], tl.float32)
-                tl.store(prow + c, pw / Fz, mask=cm)
+                if ENTMAX:
+                    z = tl.load(urow + c, mask=cm, other=0.0)
+                    pw, pw1 = _entmax_terms(z, cm, ymax, tau_ev, am1, r, POW_MODE)
+                    tl.store(prow + c, pw / Fz, mask=cm)
+                else:                                   # top-k: no entmax support
+                    tl.store(prow + c, tl.zeros([BLOCK], tl.float32), mask=cm)
             if HAS_MIN:
                 thr = tl.full([], -2147483648, tl.int32)
                 need = tl.full([], 0, tl.int32)

@@ -289,6 +289,13 @@ def make_all_samples(tokenizer, tasks, lengths, n, seed, max_model_len) -> list[
     return out
 
 
+def calibration_samples(tokenizer, length, n, seed, max_model_len) -> list[dict]:
+    """The calibration prompts of `calibrate` and of eval's calibrated methods: passkey and
+    niah_multikey_2, n in all, from their own seed (never eval's test prompts)."""
+    return make_all_samples(tokenizer, ("passkey", "niah_multikey_2"), [length],
+                            max(1, n // 2), seed + 1000, max_model_len)
+
+
 def summarize(samples: list[dict], runs: list[dict]) -> dict:
     """Per (method, length, task): accuracy; per (method, length): density, mean accuracy."""
     rows, per_sample = [], []
@@ -377,9 +384,8 @@ def run_eval(args) -> dict:
                                max_model_len)
     calib = []
     if any("calibrate" in m for m in methods):
-        calib = make_all_samples(tok, ("passkey", "niah_multikey_2"), [max(args.lengths)],
-                                 max(2, args.calib_samples // 2), args.seed + 1000,
-                                 max_model_len)
+        calib = calibration_samples(tok, max(args.lengths), max(4, args.calib_samples),
+                                    args.seed, max_model_len)
     device = args.device or ("cuda" if _cuda() else "cpu")
     spec = {"model": args.model, "device": device, "max_model_len": max_model_len,
             "samples": samples, "max_num_seqs": args.max_num_seqs,
@@ -458,9 +464,7 @@ def run_calibrate(args) -> dict:
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(args.model)
     max_model_len = _max_model_len(args, tok)
-    # the same calibration prompts as eval's calibrated methods (never eval's test prompts)
-    calib = make_all_samples(tok, ("passkey", "niah_multikey_2"), [args.length],
-                             max(1, args.samples // 2), args.seed + 1000, max_model_len)
+    calib = calibration_samples(tok, args.length, args.samples, args.seed, max_model_len)
     device = args.device or ("cuda" if _cuda() else "cpu")
     spec = {"model": args.model, "device": device, "max_model_len": max_model_len,
             "samples": [], "calib_samples": calib, "engine": "dash",

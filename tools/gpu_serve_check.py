@@ -64,7 +64,8 @@ def main() -> int:
         "ready_s": round(r.get("ready_s", -1), 1),
         "listeners": r.get("listeners"),
         "completion": o.get("completion", {}).get("text"),
-        "stream_equal": o.get("completion_stream", {}).get("text") == o.get("completion", {}).get("text"),
+        "stream_equal": (o.get("completion_stream", {}).get("text")
+                         == o.get("completion", {}).get("text")),
         "chat": o.get("chat", {}).get("text"),
         "concurrent_ok": f'{cc.get("ok")}/{cc.get("n")}',
         "bad_requests_400": bad_ok, "unknown_model": b.get("unknown_model", {}).get("status"),
