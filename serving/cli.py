@@ -338,7 +338,7 @@ SIGTERM or Ctrl-C stops the server (exit status 0).
 """
 
 TOP_HELP = f"""\
-usage: {PROG} [-h] [--version] {{serve,config,eval,calibrate}} ...
+usage: {PROG} [-h] [--version] {{serve,config,eval,eval-report,calibrate}} ...
 
 DashAttention (block-sparse decode) as a vLLM attention backend.
 
@@ -346,6 +346,8 @@ commands:
   serve     start vLLM's OpenAI-compatible server with DASH (`{PROG} serve --help`)
   config    list the DASH settings (--dash-config keys): default, allowed values, meaning
   eval      accuracy of DASH vs dense vs top-k on offline long-context tasks (`{PROG} eval -h`)
+  eval-report
+            DASH vs top-k at equal measured density from eval reports; the default rule
   calibrate per-layer score_scale for a target density, as a score_scale_file
 
 options:
@@ -431,11 +433,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cmd in ("eval", "calibrate"):
             from vllm_dash.serving import eval as dash_eval
             return (dash_eval.eval_main if cmd == "eval" else dash_eval.calibrate_main)(rest)
+        if cmd == "eval-report":
+            from vllm_dash.serving import eval_report
+            return eval_report.main(rest)
     except BrokenPipeError:  # e.g. `vllm-dash config | head`
         sys.stdout = open(os.devnull, "w")
         return 0
     _say(f"{PROG}: error: unknown command {cmd!r} "
-         "(choose from 'serve', 'config', 'eval', 'calibrate'; "
+         "(choose from 'serve', 'config', 'eval', 'eval-report', 'calibrate'; "
          f"see `{PROG} --help`)")
     return 2
 

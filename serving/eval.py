@@ -48,9 +48,10 @@ CHILD_ROW = "VLLM_DASH_EVAL_ROW "      # one per finished (method, length): a cu
 # --------------------------------------------------------------------------------------
 # methods
 # --------------------------------------------------------------------------------------
-#: DASH settings shared by the sweeps unless a method overrides them
+#: DASH settings shared by the sweeps unless a method overrides them (min_blocks 0: no floor
+#: unless a method sets one; the record ran when 0 was DashConfig's default)
 BASE = {"score_norm": "standardize", "prior_weight": 0.0, "sink_blocks": 1, "local_blocks": 1,
-        "dense_below": 0, "stats_interval": 1}
+        "min_blocks": 0, "dense_below": 0, "stats_interval": 1}
 
 
 def _m(name: str, family: str, **dash) -> dict:
@@ -334,34 +335,9 @@ def table(rows: list[dict], tasks: Sequence[str]) -> str:
 
 
 def pareto_png(rows: list[dict], path: str, title: str) -> Optional[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        return f"not written: {e}"
-    lengths = sorted({r["length"] for r in rows})
-    if not lengths:
-        return "not written: no results"
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.2), squeeze=False)
-    for ax, L in zip(axes[0], lengths):
-        cell = [r for r in rows if r["length"] == L]
-        fams = sorted({r.get("family") or r["method"] for r in cell})
-        for fam in fams:
-            pts = sorted((1 - r["density"], 100 * r["accuracy_mean"]) for r in cell
-                         if (r.get("family") or r["method"]) == fam and r["density"] is not None)
-            if fam == "dense":
-                ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="dense")
-            elif pts:
-                ax.plot(*zip(*pts), marker="o", ms=4, label=fam)
-        ax.set(title=f"{L} tokens", xlabel="measured sparsity (1 - density)",
-               ylabel="accuracy, mean over tasks (%)", ylim=(-2, 102))
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return "written"
+    """The Pareto plot of `vllm-dash eval-report` (tasks dense solves / all tasks)."""
+    from vllm_dash.serving import eval_report
+    return eval_report.pareto_png(eval_report.compare(rows), path, title)
 
 
 def run_eval(args) -> dict:
@@ -479,14 +455,16 @@ def run_calibrate(args) -> dict:
         raise SystemExit(f"vllm-dash calibrate: only {len(grid)} grid point(s) measured")
     scales = calibrate_scales(grid, args.target_density)
     out = {"score_scale": scales, "target_density": args.target_density,
-           "score_norm": BASE["score_norm"], "model": os.path.basename(os.path.normpath(args.model)),
+           "score_norm": BASE["score_norm"], "min_blocks": BASE["min_blocks"],
+           "model": os.path.basename(os.path.normpath(args.model)),
            "length": args.length, "samples": len(calib),
            "grid": {str(k): v for k, v in grid.items()}}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     print(f"wrote {args.out}: per-layer score_scale for density {args.target_density} "
-          f"(score_norm {BASE['score_norm']}); use it with "
-          f"--additional-config '{{\"dash\": {{\"score_scale_file\": \"{args.out}\"}}}}'")
+          f"(score_norm {BASE['score_norm']}, no min_blocks floor); use it with "
+          f"--additional-config '{{\"dash\": {{\"score_scale_file\": \"{args.out}\", "
+          f"\"min_blocks\": 0}}}}'")
     return out
 
 

@@ -1,0 +1,146 @@
+"""vllm_dash.serving.eval_report: DASH vs top-k at equal density, the default rule, merging of
+eval reports; and the committed accuracy record agrees with DashConfig's defaults."""
+import gzip
+import json
+import os
+
+import pytest
+
+from vllm_dash.config import DashConfig
+from vllm_dash.serving import cli
+from vllm_dash.serving import eval_report as er
+
+RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results")
+RECORD = os.path.join(RESULTS, "accuracy-smollm2-135m-instruct.json")
+
+
+def _row(method, family, length, density, acc, dash=None):
+    return {"method": method, "family": family, "length": length, "density": density,
+            "accuracy": acc, "accuracy_mean": sum(acc.values()) / len(acc), "dash": dash}
+
+
+def _method(name, family, **dash):
+    return {"name": name, "family": family, "dash": dash or None}
+
+
+def _rows():
+    rows = []
+    for L in (100, 200):
+        rows.append(_row("dense", "dense", L, 1.0, {"a": 1.0, "b": 0.1}))
+        rows.append(_row("topk-k1", "topk", L, 0.2, {"a": 0.4, "b": 0.0}))
+        rows.append(_row("topk-k2", "topk", L, 0.4, {"a": 0.8, "b": 0.1}))
+    # good: 0.7 at density 0.3 (top-k there: 0.6) at both lengths
+    rows += [_row("good", "dash-x", L, 0.3, {"a": 0.7, "b": 0.0}) for L in (100, 200)]
+    # better at 100 (1.0 at 0.4 vs 0.8) but below top-k at 200 (0.5 at 0.3 vs 0.6)
+    rows += [_row("mixed", "dash-x", 100, 0.4, {"a": 1.0, "b": 0.0}),
+             _row("mixed", "dash-x", 200, 0.3, {"a": 0.5, "b": 0.0})]
+    # as accurate as "good" but denser at one length (tie -> lower density wins)
+    rows += [_row("good-denser", "dash-y", 100, 0.3, {"a": 0.7, "b": 0.0}),
+             _row("good-denser", "dash-y", 200, 0.35, {"a": 0.7, "b": 0.0})]
+    # sparser than every top-k run: no reference at 100
+    rows += [_row("tiny", "dash-z", 100, 0.1, {"a": 0.3, "b": 0.0}),
+             _row("tiny", "dash-z", 200, 0.3, {"a": 0.9, "b": 0.0})]
+    # calibrated (per-model file): never a default, however good
+    rows += [_row("calib", "dash-calib", L, 0.3, {"a": 1.0, "b": 0.0}) for L in (100, 200)]
+    return rows
+
+
+def _methods():
+    return [_method("dense", "dense"), _method("topk-k1", "topk", selector="topk", min_blocks=1),
+            _method("topk-k2", "topk", selector="topk", min_blocks=2),
+            _method("good", "dash-x", score_scale=2.0), _method("mixed", "dash-x"),
+            _method("good-denser", "dash-y", score_scale=3.0), _method("tiny", "dash-z"),
+            {"name": "calib", "family": "dash-calib", "calibrate": 0.3, "dash": {}}]
+
+
+def test_solved_tasks_and_margins():
+    rows = _rows()
+    assert er.solved_tasks(rows, 0.8) == {100: ["a"], 200: ["a"]}
+    comp = {(c["method"], c["length"]): c for c in er.compare(rows, 0.8)}
+    good = comp[("good", 100)]
+    assert good["accuracy_solved"] == pytest.approx(0.7)
+    assert good["topk_at_density"] == pytest.approx(0.6)        # halfway 0.4 .. 0.8
+    assert good["margin"] == pytest.approx(0.1)
+    assert comp[("mixed", 200)]["margin"] == pytest.approx(-0.1)
+    assert comp[("tiny", 100)]["topk_at_density"] is None        # below the top-k range
+    assert comp[("dense", 100)]["margin"] is None
+    assert comp[("topk-k2", 100)]["margin"] == pytest.approx(0.0)
+    # between the densest top-k run and dense itself: dense is the curve's last point
+    assert er._interp([(0.4, 0.8), (1.0, 1.0)], 0.7) == pytest.approx(0.9)
+
+
+def test_choose_default_applies_the_rule():
+    choice = er.choose_default(er.compare(_rows(), 0.8), _methods())
+    assert choice["chosen"]["method"] == "good"         # "good-denser" ties, denser
+    assert choice["qualified"] == ["good", "good-denser"]
+    names = {c["method"] for c in choice["candidates"]}
+    assert "calib" not in names and "topk-k1" not in names and "tiny" not in names
+    assert choice["chosen"]["dash"] == {"score_scale": 2.0}
+    # nothing qualifies: no choice
+    rows = [r for r in _rows() if r["method"] not in ("good", "good-denser")]
+    assert er.choose_default(er.compare(rows, 0.8), _methods())["chosen"] is None
+
+
+def test_merge_reports_later_rows_win():
+    a = {"model": "m", "seed": 0, "samples_per_cell": 3, "max_model_len": 64,
+         "rows": _rows(), "methods": _methods()[:3], "not_run": ["good@100", "x@200"]}
+    newer = _row("good", "dash-x", 100, 0.3, {"a": 0.0, "b": 0.0})
+    b = dict(a, rows=[newer], methods=_methods()[3:4], not_run=[])
+    m = er.merge_reports([a, b])
+    got = [r for r in m["rows"] if (r["method"], r["length"]) == ("good", 100)]
+    assert got == [newer] and len(m["rows"]) == len(a["rows"])
+    assert m["not_run"] == ["x@200"]                 # good@100 ran in the second report
+    assert [x["name"] for x in m["methods"]] == ["dense", "topk-k1", "topk-k2", "good"]
+    with pytest.raises(ValueError, match="seed"):
+        er.merge_reports([a, dict(b, seed=1)])
+    with pytest.raises(ValueError, match="no reports"):
+        er.merge_reports([])
+
+
+def test_paired_counts():
+    s = [{"method": m, "length": 100, "task": "a", "index": i, "score": sc}
+         for m, scores in (("x", [1, 0, 1, 1]), ("y", [0, 0, 1, 0])) for i, sc in
+         enumerate(scores)]
+    s.append({"method": "x", "length": 100, "task": "b", "index": 0, "score": 0})
+    p = er.paired(s, "x", "y", 100, ["a"])
+    assert (p["n"], p["a_better"], p["b_better"], p["same"]) == (4, 2, 0, 2)
+
+
+def test_cli_writes_report(tmp_path, capsys):
+    rep = {"model": "m", "seed": 0, "samples_per_cell": 1, "max_model_len": 64,
+           "gpu": None, "device": "cpu", "rows": _rows(), "methods": _methods()}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rep))
+    samples = [{"method": m, "length": 100, "task": "a", "index": 0, "score": 1.0}
+               for m in ("good", "topk-k2")]
+    with gzip.open(tmp_path / "s.json.gz", "wt") as f:
+        json.dump(samples, f)
+    out = tmp_path / "out.json"
+    assert cli.main(["eval-report", str(path), "--samples", str(tmp_path / "s.json.gz"),
+                     "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "chosen: good" in text and "paired @100: good better on 0" in text
+    got = json.loads(out.read_text())
+    assert got["default_choice"]["chosen"]["method"] == "good"
+    assert len(got["comparison"]) == len(_rows())
+    with pytest.raises(SystemExit, match="--solved"):
+        er.main([str(path), "--solved", "1.5"])
+
+
+def test_record_choice_is_the_shipped_default():
+    """The committed record (GPU run) chose a setting; DashConfig's defaults are that setting."""
+    with open(RECORD) as f:
+        record = json.load(f)
+    chosen = record["default_choice"]["chosen"]
+    assert chosen is not None and chosen["min_margin"] >= 0
+    # recomputing the choice from the record's rows gives the same method
+    again = er.choose_default(er.compare(record["rows"], record["solved_threshold"]),
+                              record["methods"])
+    assert again["chosen"]["method"] == chosen["method"]
+    defaults = DashConfig()
+    for key, value in chosen["dash"].items():
+        if key in ("dense_below", "stats_interval"):   # eval-only: every step, no dense cut
+            continue
+        assert getattr(defaults, key) == value, key
+    lengths = sorted(int(L) for L in chosen["per_length"])
+    assert lengths == [2048, 4096, 8192]
