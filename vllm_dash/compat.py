@@ -20,6 +20,7 @@ Without an explicit CUSTOM selection nothing here changes vLLM's behaviour.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -170,10 +171,22 @@ def split_decodes_and_prefills(common_attn_metadata):
     prompt's end; a chunked prefill can leave one token) counts as prefill, so every prompt
     token goes through dense attention, when the runner says which requests are still
     prefilling (`is_prefilling`; vLLM's reorder puts such "short extends" after the
-    decodes); otherwise vLLM's default (query length 1 = decode)."""
+    decodes); otherwise vLLM's default (query length 1 = decode).
+
+    vLLM 0.26's GPU model runner (v1/worker/gpu) passes `is_prefilling` for the real
+    requests only while `num_reqs` counts the CUDA-graph padding rows (FULL graphs), so it
+    is padded here with False (padding rows are not prefills) or cut to `num_reqs`: used
+    as is, vLLM's split fails with a size mismatch and kills the engine."""
     from vllm.v1.attention.backends.utils import split_decodes_and_prefills as f
-    known = getattr(common_attn_metadata, "is_prefilling", None) is not None
-    return f(common_attn_metadata, decode_threshold=1, treat_short_extends_as_decodes=not known)
+    cam = common_attn_metadata
+    flags = getattr(cam, "is_prefilling", None)
+    if flags is not None and flags.shape[0] != cam.num_reqs:
+        fixed = torch.zeros(cam.num_reqs, dtype=torch.bool, device=flags.device)
+        n = min(cam.num_reqs, flags.shape[0])
+        fixed[:n] = flags[:n]
+        cam = copy.copy(cam)
+        cam.is_prefilling = fixed
+    return f(cam, decode_threshold=1, treat_short_extends_as_decodes=flags is None)
 
 
 def flash_attn_varlen():

@@ -143,3 +143,49 @@ def test_smollm2_dense_equivalence_and_sparse(tmp_path, vllm_cache_root, smollm2
     assert len(words) >= 8 and len(alpha) >= 0.8 * len(words) and len(set(alpha)) >= 5, out
     print("sparse SmolLM2 @", out["prompt_len"], "tokens: density per layer",
           [round(x, 3) for x in d], "->", repr(out["text"]))
+
+
+SPLIT_SCRIPT = r'''
+import json, torch
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm_dash import compat
+
+def cam(query_lens, is_prefilling):
+    qsl = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32)
+    n = len(query_lens)
+    return CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=torch.full((n,), 100),
+        num_reqs=n, num_actual_tokens=int(qsl[-1]), max_query_len=max(query_lens),
+        max_seq_len=100, block_table_tensor=torch.zeros(n, 4, dtype=torch.int32),
+        slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64),
+        is_prefilling=None if is_prefilling is None else torch.tensor(is_prefilling))
+
+out = {
+    # FULL CUDA-graph batch of 5 rows (2 padding rows, query length 0) with flags for the 3
+    # real requests only, as vLLM 0.26's GPU runner passes them
+    "padded": compat.split_decodes_and_prefills(cam([1, 1, 1, 0, 0], [False, False, False])),
+    # the last real request is a one-token chunk of its prompt: prefill
+    "short_extend": compat.split_decodes_and_prefills(
+        cam([1, 1, 1, 0], [False, False, True])),
+    "more_flags": compat.split_decodes_and_prefills(cam([1, 1], [False, False, True])),
+    "no_flags": compat.split_decodes_and_prefills(cam([1, 1, 3], None)),
+}
+print("SPLIT " + json.dumps(out))
+'''
+
+
+def test_split_with_cuda_graph_padding(tmp_path):
+    """is_prefilling shorter than the padded batch (vLLM 0.26 GPU runner, FULL graphs) must
+    not crash the split: padding rows count as decodes (an engine died of this on an H100)."""
+    import json
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", SPLIT_SCRIPT], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("SPLIT ")]
+    assert line, p.stderr[-3000:]
+    got = json.loads(line[0][6:])
+    assert got["padded"] == [5, 0, 3, 0]
+    assert got["short_extend"] == [2, 2, 2, 1]
+    assert got["more_flags"] == [2, 0, 2, 0]
+    assert got["no_flags"] == [2, 1, 2, 3]
