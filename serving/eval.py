@@ -39,7 +39,7 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-from vllm_dash.serving import eval_tasks
+from vllm_dash.serving import eval_report, eval_tasks
 
 DEFAULT_LENGTHS = (2048, 4096, 8192)
 CHILD_RESULT = "VLLM_DASH_EVAL "
@@ -334,12 +334,6 @@ def table(rows: list[dict], tasks: Sequence[str]) -> str:
     return "\n".join(out)
 
 
-def pareto_png(rows: list[dict], path: str, title: str) -> Optional[str]:
-    """The Pareto plot of `vllm-dash eval-report` (tasks dense solves / all tasks)."""
-    from vllm_dash.serving import eval_report
-    return eval_report.pareto_png(eval_report.compare(rows), path, title)
-
-
 def run_eval(args) -> dict:
     from transformers import AutoTokenizer
     tasks = args.tasks.split(",")
@@ -431,8 +425,9 @@ def _write_report(args, tasks, samples, runs, methods, info, device, max_model_l
         with open(os.path.splitext(args.out)[0] + "-samples.json", "w") as f:
             json.dump(summary["samples"], f)
         png = args.png or os.path.splitext(args.out)[0] + ".png"
-        report["png"] = f"{png}: " + str(pareto_png(
-            summary["rows"], png, f"{report['model']} ({report['gpu'] or device})"))
+        report["png"] = f"{png}: " + eval_report.pareto_png(     # solved / all tasks
+            eval_report.compare(summary["rows"]), png,
+            f"{report['model']} ({report['gpu'] or device})")
     return report
 
 

@@ -34,7 +34,7 @@ import math
 import random
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 __all__ = [
     "MAX_NEW_TOKENS",
@@ -191,12 +191,8 @@ def _word_keys(rng: random.Random, target: str) -> Callable[[], str]:
     return next_key
 
 
-def _number_needle(key: str, value: str) -> str:
-    return f"One of the special magic numbers for {key} is: {value}."
-
-
-def _uuid_needle(key: str, value: str) -> str:
-    return f"One of the special magic uuids for {key} is: {value}."
+def _needle(kind: str, key: str, value: str) -> str:
+    return f"One of the special magic {kind}s for {key} is: {value}."
 
 
 def _niah_query(kind: str, key: str) -> str:
@@ -241,17 +237,20 @@ def _spec_passkey(rng: random.Random, depth: float) -> _Spec:
     )
 
 
+def _niah_spec(kind: str, key: str, value: str, depth: float,
+               distractors: Optional[Callable[[], tuple[str, str]]] = None) -> _Spec:
+    """A needle task: noise haystack, or (`distractors`: next (key, value)) a haystack of
+    distractor needles, one per line."""
+    stream = (_noise_stream() if distractors is None
+              else _Stream(lambda: _needle(kind, *distractors())))
+    return _Spec(intro=_niah_intro(kind), query=_niah_query(kind, key), answers=[value],
+                 stream=stream, sep=" " if distractors is None else "\n",
+                 needles=[(depth, _needle(kind, key, value))])
+
+
 def _spec_niah_single_1(rng: random.Random, depth: float) -> _Spec:
     key = rng.choice(_WORDS)
-    value = _seven_digits(rng)
-    return _Spec(
-        intro=_niah_intro("number"),
-        query=_niah_query("number", key),
-        answers=[value],
-        stream=_noise_stream(),
-        sep=" ",
-        needles=[(depth, _number_needle(key, value))],
-    )
+    return _niah_spec("number", key, _seven_digits(rng), depth)
 
 
 def _spec_niah_multikey_2(rng: random.Random, depth: float) -> _Spec:
@@ -260,14 +259,7 @@ def _spec_niah_multikey_2(rng: random.Random, depth: float) -> _Spec:
     hay_rng = random.Random(rng.getrandbits(64))
     next_key = _word_keys(hay_rng, key)
     next_value = _distinct(lambda: _seven_digits(hay_rng), {value})
-    return _Spec(
-        intro=_niah_intro("number"),
-        query=_niah_query("number", key),
-        answers=[value],
-        stream=_Stream(lambda: _number_needle(next_key(), next_value())),
-        sep="\n",
-        needles=[(depth, _number_needle(key, value))],
-    )
+    return _niah_spec("number", key, value, depth, lambda: (next_key(), next_value()))
 
 
 def _spec_niah_multikey_3(rng: random.Random, depth: float) -> _Spec:
@@ -275,14 +267,7 @@ def _spec_niah_multikey_3(rng: random.Random, depth: float) -> _Spec:
     hay_rng = random.Random(rng.getrandbits(64))
     taken = {key, value}                        # keys and values never repeat, even across
     next_uuid = _distinct(lambda: _uuid(hay_rng), taken)
-    return _Spec(
-        intro=_niah_intro("uuid"),
-        query=_niah_query("uuid", key),
-        answers=[value],
-        stream=_Stream(lambda: _uuid_needle(next_uuid(), next_uuid())),
-        sep="\n",
-        needles=[(depth, _uuid_needle(key, value))],
-    )
+    return _niah_spec("uuid", key, value, depth, lambda: (next_uuid(), next_uuid()))
 
 
 def _spec_vt(rng: random.Random, depth: float) -> _Spec:
