@@ -1,4 +1,4 @@
-"""Stage 1 of DASH on vLLM's paged layout (DESIGN.md §3 "Stage 1", §4.2), four launches.
+"""Stage 1 of DASH on vLLM's paged layout (DESIGN.md §3 "Stage 1", §4.2), three launches.
 
 ``select_blocks_paged`` computes, per (sequence, KV head), the blocks stage 2 reads, as a
 compacted list of PHYSICAL block ids in ascending LOGICAL order (so the current, partial
@@ -7,13 +7,14 @@ the count. The semantics are exactly :func:`reference.select_blocks` (the spec);
 twin :func:`select_blocks_paged_torch` runs the reference and converts its ``Selection``
 into the same compacted format.
 
-Kernels: four launches with fixed grids from the capacities (num_seqs, Hq, Hk,
-max_blocks_per_seq), no host sync, no allocation when a :class:`SelectWorkspace` is passed
+Kernels: three launches (K1, K2, K3b; four with K3a when a row does not fit registers)
+with fixed grids from the capacities (num_seqs, Hq, Hk, max_blocks_per_seq), no host sync, no allocation when a :class:`SelectWorkspace` is passed
 (CUDA-graph capturable). Sequences of length <= 0 give count 0; sequences shorter than
 ``dense_below`` skip K1-K3a and K3b lists every block with log-prior 0.
 
-  K1 scores, grid (S, Hk, ceil(n_max / CHUNK)): u = scale * q_h . kbar_c for the G heads
-     of the KV head over CHUNK blocks with ``tl.dot`` (the G rows padded to 16; fp32
+  K1 scores, grid (S, Hk, P), P <= ceil(n_max / CHUNK) programs per pair looping over
+     chunks (see _score_programs): u = scale * q_h . kbar_c for the G heads of the KV head
+     over CHUNK blocks at a time with ``tl.dot`` (the G rows padded to 16; fp32
      inputs, "tf32x3" precision: three TF32 tensor-core products, fp32-level accuracy,
      measured |dz|/max|z| ~5e-7 on H200), stored to the workspace [S, Hq, n_max].
   K2 threshold, grid (S, Hq), one program per query head. When the capacity's row fits
@@ -34,9 +35,12 @@ max_blocks_per_seq), no host sync, no allocation when a :class:`SelectWorkspace`
          32-step bisection over the order-preserving int32 image of the fp32 z, the ties
          at the threshold taken from the lowest block id (prefix count); the per-head
          floor flags are written (int8).
-  K3a group, grid (S, Hk, ceil(n_max / CHUNK)): pbar = mean over the group of p_h, the
-     forced / floor (any head) / selected flags and, for the cap, the group-mean z; written
-     to the workspace per (sequence, KV head).
+  K3a group: pbar = mean over the group of p_h (summed head by head), the forced / floor
+     (any head) / selected flags and, for the cap, the group-mean z. When the row fits
+     registers K3b computes them itself (one launch fewer: in a CUDA-graph decode step
+     every launch costs ~1-2 us even when its programs exit at once, which is what the
+     dense_below regime pays); otherwise a launch with grid (S, Hk, ceil(n_max / CHUNK))
+     writes them to the workspace per (sequence, KV head) for K3b's tiled passes.
   K3b cap + compaction, grid (S, Hk) (the row in registers when it fits, else tiles):
      max pbar; the max_blocks cap: forced blocks always stay (the argument check guarantees
      room); the other selected blocks are ranked by (pbar, group-mean z, -block id) — the
@@ -81,7 +85,8 @@ _BISECT_STEPS = 32          # exact k-th largest over the 2^32 int32 keys
 _RESIDENT_MAX = 8192
 _FALLBACK_TILE = 2048
 _RADIX_BITS = 4            # bits per round of the register-resident k-th largest
-_SCORE_CHUNK = 64           # blocks per K1 program (the dot tile is [D, CHUNK] fp32)
+_SCORE_CHUNK = 64           # blocks per K1 iteration (the dot tile is [D, CHUNK] fp32)
+_K1_PROGRAMS_PER_SM = 8     # K1 grid size: see _score_programs
 _TINY = float(torch.finfo(torch.float32).tiny)
 
 
@@ -182,30 +187,32 @@ def _scores_kernel(
     stride_sb, stride_sh, stride_sd,
     stride_bts, stride_btb,
     stride_us, stride_uh,
-    scale, block_size, dense_below,
+    scale, block_size, dense_below, nprog,
     G: tl.constexpr, G_DOT: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
     CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # program j of a (sequence, KV head) scores chunks j, j + nprog, ...
     s = tl.program_id(0)
     kvh = tl.program_id(1)
-    start = tl.program_id(2) * CHUNK
+    first = tl.program_id(2) * CHUNK
     n, active = _active(lens_ptr, s, block_size, dense_below)
-    if active & (start < n):
+    if active & (first < n):
         gd = tl.arange(0, G_DOT)
         d = tl.arange(0, D_P2)
         qv = tl.load(q_ptr + s.to(tl.int64) * stride_qs + (kvh * G + gd)[:, None] * stride_qh
                      + d[None, :] * stride_qd,
                      mask=(gd < G)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-        c = start + tl.arange(0, CHUNK)
-        cm = c < n
-        pid = tl.load(bt_ptr + s.to(tl.int64) * stride_bts + c * stride_btb, mask=cm,
-                      other=0).to(tl.int64)
-        kT = tl.load(summ_ptr + pid[None, :] * stride_sb + kvh * stride_sh
-                     + d[:, None] * stride_sd, mask=cm[None, :] & (d < D)[:, None],
-                     other=0.0).to(tl.float32)                         # [D, CHUNK]
-        u = tl.dot(qv, kT, input_precision=DOT_PRECISION) * scale       # [G_DOT, CHUNK]
-        tl.store(u_ptr + s.to(tl.int64) * stride_us + (kvh * G + gd)[:, None] * stride_uh
-                 + c[None, :], u, mask=(gd < G)[:, None] & cm[None, :])
+        for start in range(first, n, nprog * CHUNK):
+            c = start + tl.arange(0, CHUNK)
+            cm = c < n
+            pid = tl.load(bt_ptr + s.to(tl.int64) * stride_bts + c * stride_btb, mask=cm,
+                          other=0).to(tl.int64)
+            kT = tl.load(summ_ptr + pid[None, :] * stride_sb + kvh * stride_sh
+                         + d[:, None] * stride_sd, mask=cm[None, :] & (d < D)[:, None],
+                         other=0.0).to(tl.float32)                     # [D, CHUNK]
+            u = tl.dot(qv, kT, input_precision=DOT_PRECISION) * scale   # [G_DOT, CHUNK]
+            tl.store(u_ptr + s.to(tl.int64) * stride_us + (kvh * G + gd)[:, None] * stride_uh
+                     + c[None, :], u, mask=(gd < G)[:, None] & cm[None, :])
 
 
 # --------------------------------------------------------------------------------------
@@ -378,13 +385,37 @@ def _threshold_kernel(
 # K3a: per KV head pbar, flags, group score; grid (S, Hk, chunks)
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _group_values(z_row, p_row, f_row, stride_zh, stride_ph, stride_fh, c, cm, n,
+                  sink_blocks, local_blocks,
+                  G: tl.constexpr, HAS_MIN: tl.constexpr, HAS_CAP: tl.constexpr):
+    """For blocks ``c`` of one (sequence, KV head): pbar (mean of the G heads' p, summed
+    head by head in order), flags (1 selected, 2 forced, 4 floor of any head) and, with a
+    cap, the group-mean z. ``*_row`` point at the group's first head."""
+    pbar = tl.zeros(c.shape, tl.float32)
+    gs = tl.zeros(c.shape, tl.float32)
+    floor = c < 0
+    for g in tl.static_range(G):
+        pbar += tl.load(p_row + g * stride_ph + c, mask=cm, other=0.0)
+        if HAS_MIN:
+            floor = floor | (tl.load(f_row + g * stride_fh + c, mask=cm, other=0) != 0)
+        if HAS_CAP:
+            gs += tl.load(z_row + g * stride_zh + c, mask=cm, other=0.0)
+    pbar = pbar / G
+    gs = gs / G
+    forced = cm & ((c == n - 1) | (c < sink_blocks) | (c >= n - local_blocks))
+    floor = cm & floor
+    sel = cm & ((pbar > 0.0) | forced | floor)
+    flags = sel.to(tl.int32) + 2 * forced.to(tl.int32) + 4 * floor.to(tl.int32)
+    return pbar, flags, gs
+
+
+@triton.jit
 def _group_kernel(
     z_ptr, p_ptr, fl_ptr, lens_ptr, gw_ptr,
     stride_zs, stride_zh, stride_ps, stride_ph, stride_fs, stride_fh,
     stride_gs, stride_gh, stride_gr,
     block_size, sink_blocks, local_blocks, dense_below,
-    G: tl.constexpr, G_P2: tl.constexpr, CHUNK: tl.constexpr,
-    HAS_MIN: tl.constexpr, HAS_CAP: tl.constexpr,
+    G: tl.constexpr, CHUNK: tl.constexpr, HAS_MIN: tl.constexpr, HAS_CAP: tl.constexpr,
 ):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -393,29 +424,17 @@ def _group_kernel(
     if active & (start < n):
         c = start + tl.arange(0, CHUNK)
         cm = c < n
-        g = tl.arange(0, G_P2)
-        gm = g < G                      # rows >= G: all-zero dummies, never counted
-        hrow = (kvh * G + g)[:, None]
-        m2 = gm[:, None] & cm[None, :]
         s64 = s.to(tl.int64)
-        p = tl.load(p_ptr + s64 * stride_ps + hrow * stride_ph + c[None, :], mask=m2,
-                    other=0.0)
-        pbar = tl.sum(p, 0) / G
-        forced = cm & ((c == n - 1) | (c < sink_blocks) | (c >= n - local_blocks))
-        floor = c < 0
-        if HAS_MIN:
-            f = tl.load(fl_ptr + s64 * stride_fs + hrow * stride_fh + c[None, :], mask=m2,
-                        other=0)
-            floor = tl.max(f.to(tl.int32), 0) > 0
-        sel = cm & ((pbar > 0.0) | forced | floor)
-        flags = sel.to(tl.int32) + 2 * forced.to(tl.int32) + 4 * floor.to(tl.int32)
+        pbar, flags, gs = _group_values(
+            z_ptr + s64 * stride_zs + kvh * G * stride_zh,
+            p_ptr + s64 * stride_ps + kvh * G * stride_ph,
+            fl_ptr + s64 * stride_fs + kvh * G * stride_fh,
+            stride_zh, stride_ph, stride_fh, c, cm, n, sink_blocks, local_blocks,
+            G=G, HAS_MIN=HAS_MIN, HAS_CAP=HAS_CAP)
         gw = gw_ptr + s64 * stride_gs + kvh * stride_gh
         tl.store(gw + c, pbar, mask=cm)
         tl.store(gw + stride_gr + c, flags.to(tl.float32), mask=cm)
         if HAS_CAP:
-            z = tl.load(z_ptr + s64 * stride_zs + hrow * stride_zh + c[None, :], mask=m2,
-                        other=0.0)
-            gs = tl.sum(tl.where(gm[:, None], z, 0.0), 0) / G
             tl.store(gw + 2 * stride_gr + c, gs, mask=cm)
 
 
@@ -424,15 +443,17 @@ def _group_kernel(
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _compact_kernel(
-    bt_ptr, lens_ptr, ids_ptr, lp_ptr, cnt_ptr, gw_ptr,
+    bt_ptr, lens_ptr, ids_ptr, lp_ptr, cnt_ptr, cnt2_ptr, gw_ptr, z_ptr, p_ptr, fl_ptr,
     stride_bts, stride_btb,
     stride_is, stride_ih, stride_ib,
     stride_ls, stride_lh, stride_lb,
-    stride_cs, stride_ch,
+    stride_cs, stride_ch, stride_c2s, stride_c2h,
     stride_gs, stride_gh, stride_gr,
-    block_size, max_blocks, dense_below,
+    stride_zs, stride_zh, stride_ps, stride_ph, stride_fs, stride_fh,
+    block_size, max_blocks, dense_below, sink_blocks, local_blocks,
     RESIDENT: tl.constexpr, BLOCK: tl.constexpr, PRIOR_MAX: tl.constexpr,
     HAS_CAP: tl.constexpr, BISECT: tl.constexpr, RADIX: tl.constexpr, TINY: tl.constexpr,
+    G: tl.constexpr, HAS_MIN: tl.constexpr, COPY_COUNTS: tl.constexpr,
 ):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -453,6 +474,8 @@ def _compact_kernel(
             tl.store(ids_row + c * stride_ib, pid.to(tl.int32), mask=cm)
             tl.store(lp_row + c * stride_lb, tl.zeros([BLOCK], tl.float32), mask=cm)
         tl.store(cnt_ptr + s * stride_cs + kvh * stride_ch, n)
+        if COPY_COUNTS:
+            tl.store(cnt2_ptr + s * stride_c2s + kvh * stride_c2h, n)
     else:
         t1 = tl.full([], -2147483648, tl.int64)
         t2 = tl.full([], -2147483648, tl.int64)
@@ -461,10 +484,15 @@ def _compact_kernel(
         wk = tl.full([], 1 << 32, tl.int64)
         wk2 = tl.full([], 1 << 32, tl.int64)
         if RESIDENT:
+            # K3a's group values computed here (the row fits registers): no group launch
             c = tl.arange(0, BLOCK)
             cm = c < n
-            fl = tl.load(gw_f + c, mask=cm, other=0.0).to(tl.int32)
-            pbar = tl.load(gw_p + c, mask=cm, other=0.0)
+            z_row = z_ptr + s64 * stride_zs + kvh * G * stride_zh
+            pbar, fl, gsc = _group_values(
+                z_row, p_ptr + s64 * stride_ps + kvh * G * stride_ph,
+                fl_ptr + s64 * stride_fs + kvh * G * stride_fh,
+                stride_zh, stride_ph, stride_fh, c, cm, n, sink_blocks, local_blocks,
+                G=G, HAS_MIN=HAS_MIN, HAS_CAP=HAS_CAP)
             sel = cm & ((fl & 1) != 0)
             forced = (fl & 2) != 0
             floor = (fl & 4) != 0
@@ -477,7 +505,7 @@ def _compact_kernel(
                 ke = tl.minimum(tl.maximum(max_blocks - n_forced, 0), n_cand)
                 if ke < n_cand:     # else every candidate is kept
                     kp = _skey(pbar)
-                    kg = _skey(tl.load(gw_g + c, mask=cm, other=0.0))
+                    kg = _skey(gsc)
                     # level 1: the ke-th largest pbar key among the candidates
                     k1, c1 = _kth_largest(kp, cand, ke, RADIX)
                     need1 = ke - c1
@@ -501,6 +529,8 @@ def _compact_kernel(
             tl.store(ids_row + pos * stride_ib, pid.to(tl.int32), mask=keep)
             tl.store(lp_row + pos * stride_lb, logp, mask=keep)
             tl.store(cnt_ptr + s * stride_cs + kvh * stride_ch, tl.sum(kint, 0))
+            if COPY_COUNTS:
+                tl.store(cnt2_ptr + s * stride_c2s + kvh * stride_c2h, tl.sum(kint, 0))
         else:
             # ---- tiled fallback ----------------------------------------------------------
             pmax_t = tl.zeros([BLOCK], tl.float32)
@@ -591,6 +621,8 @@ def _compact_kernel(
                 tl.store(lp_row + pos * stride_lb, logp, mask=keep)
                 pos0 += tl.sum(kint, 0)
             tl.store(cnt_ptr + s * stride_cs + kvh * stride_ch, pos0)
+            if COPY_COUNTS:
+                tl.store(cnt2_ptr + s * stride_c2s + kvh * stride_c2h, pos0)
 
 
 # --------------------------------------------------------------------------------------
@@ -632,6 +664,19 @@ class SelectWorkspace:
                 and max_blocks_per_seq <= self.max_blocks_per_seq)
 
 
+def _score_programs(chunks: int, pairs: int, device) -> int:
+    """K1 programs per (sequence, KV head), from shapes only (fixed under CUDA graphs):
+    about ``_K1_PROGRAMS_PER_SM`` programs per SM in all, each looping over every
+    ``nprog``-th chunk. A grid of one program per chunk of the capacity (thousands of
+    programs at batch 8 with a 128K capacity) costs microseconds per layer even when every
+    program exits at once (sequences below dense_below). On CPU (the interpreter): at most
+    2, so the tests run the loop."""
+    if device.type != "cuda":
+        return max(1, min(chunks, 2))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(chunks, -(-_K1_PROGRAMS_PER_SM * sms // max(1, pairs))))
+
+
 def _pow_mode(alpha: float) -> int:
     if alpha == 1.5:
         return 2
@@ -657,7 +702,8 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
                         dense_below: int = 0, score_norm: str = "none",
                         prior_norm: str = "none", scale: Optional[float] = None,
                         selector: str = "entmax", workspace: Optional[SelectWorkspace] = None,
-                        n_iter: int = ENTMAX_ITERS, tile: Optional[int] = None) -> None:
+                        n_iter: int = ENTMAX_ITERS, tile: Optional[int] = None,
+                        out_counts_copy: Optional[torch.Tensor] = None) -> None:
     """Stage 1 on the paged layout: fill the preallocated compacted selection outputs.
 
     q              [S, Hq, D] fp16/bf16/fp32 decode queries (one per sequence)
@@ -671,9 +717,12 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
     out_log_prior  fp32 same shape: log(pi_c) of each listed block (0 for forced / floor
                    blocks and dense sequences)
     out_counts     int32 [>=S, Hk]
+    out_counts_copy  optional int32 [>=S, Hk]: a second destination of the counts, written by
+                   the same kernel (the backend's statistics buffer: no extra copy launch)
     Entries past a row's count are left as they were. Other arguments: as
     :func:`reference.select_blocks`. ``workspace``: a :class:`SelectWorkspace` that fits
-    (otherwise one is allocated for this call). Four launches with fixed grids, no host sync.
+    (otherwise one is allocated for this call). Three launches with fixed grids (four when
+    the row does not fit registers), no host sync.
     ``n_iter``: Newton passes of the entmax threshold. ``tile``: None (default) keeps a
     row in registers when ``max_blocks_per_seq <= 8192`` and otherwise loops over tiles;
     an int (a power of two >= 16) forces the tiled loops with that many blocks per tile
@@ -702,6 +751,8 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
     _check_outputs("out_block_ids", out_block_ids, torch.int32, S, Hk, nmax)
     _check_outputs("out_log_prior", out_log_prior, torch.float32, S, Hk, nmax)
     _check_outputs("out_counts", out_counts, torch.int32, S, Hk, None)
+    if out_counts_copy is not None:
+        _check_outputs("out_counts_copy", out_counts_copy, torch.int32, S, Hk, None)
     if not isinstance(n_iter, int) or n_iter < 1:
         raise ValueError(f"n_iter must be a positive integer, got {n_iter!r}")
     if tile is not None and (not isinstance(tile, int) or tile < 16 or tile & (tile - 1)):
@@ -730,10 +781,12 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
     row_warps = min(16, max(4, row_block // 512))
     ws = workspace
     u, p, fl, gw = ws.scores, ws.probs, ws.floor, ws.group
-    _scores_kernel[(S, Hk, triton.cdiv(nmax, chunk1))](
+    chunks = triton.cdiv(nmax, chunk1)
+    nprog1 = _score_programs(chunks, S * Hk, q.device)
+    _scores_kernel[(S, Hk, nprog1)](
         q, summaries, block_table, seq_lens, u,
         *q.stride(), *summaries.stride(), *block_table.stride(), u.stride(0), u.stride(1),
-        scale, block_size, dense_below,
+        scale, block_size, dense_below, nprog1,
         G=G, G_DOT=max(16, triton.next_power_of_2(G)), D=D, D_P2=D_P2, CHUNK=chunk1,
         DOT_PRECISION="tf32x3", num_warps=4,
     )
@@ -747,21 +800,26 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
         RADIX=_RADIX_BITS,
         STD_EPS=ref.STD_EPS, TINY=_TINY, ENTMAX=selector == "entmax", num_warps=row_warps,
     )
-    _group_kernel[(S, Hk, triton.cdiv(nmax, chunk3))](
-        u, p, fl, seq_lens, gw,
-        u.stride(0), u.stride(1), p.stride(0), p.stride(1), fl.stride(0), fl.stride(1),
-        gw.stride(0), gw.stride(1), gw.stride(2),
-        block_size, sink_blocks, local_blocks, dense_below,
-        G=G, G_P2=G_P2, CHUNK=chunk3, HAS_MIN=min_blocks > 0,
-        HAS_CAP=max_blocks is not None, num_warps=4,
-    )
+    if not resident:
+        _group_kernel[(S, Hk, triton.cdiv(nmax, chunk3))](
+            u, p, fl, seq_lens, gw,
+            u.stride(0), u.stride(1), p.stride(0), p.stride(1), fl.stride(0), fl.stride(1),
+            gw.stride(0), gw.stride(1), gw.stride(2),
+            block_size, sink_blocks, local_blocks, dense_below,
+            G=G, CHUNK=chunk3, HAS_MIN=min_blocks > 0, HAS_CAP=max_blocks is not None,
+            num_warps=4,
+        )
+    c2 = out_counts if out_counts_copy is None else out_counts_copy
     _compact_kernel[(S, Hk)](
-        block_table, seq_lens, out_block_ids, out_log_prior, out_counts, gw,
+        block_table, seq_lens, out_block_ids, out_log_prior, out_counts, c2, gw, u, p, fl,
         *block_table.stride(), *out_block_ids.stride(), *out_log_prior.stride(),
-        *out_counts.stride(), gw.stride(0), gw.stride(1), gw.stride(2),
-        block_size, 0 if max_blocks is None else max_blocks, dense_below,
+        *out_counts.stride(), *c2.stride(), gw.stride(0), gw.stride(1), gw.stride(2),
+        u.stride(0), u.stride(1), p.stride(0), p.stride(1), fl.stride(0), fl.stride(1),
+        block_size, 0 if max_blocks is None else max_blocks, dense_below, sink_blocks,
+        local_blocks,
         RESIDENT=resident, BLOCK=row_block, PRIOR_MAX=prior_norm == "max",
         HAS_CAP=max_blocks is not None, BISECT=_BISECT_STEPS, RADIX=_RADIX_BITS, TINY=_TINY,
+        G=G, HAS_MIN=min_blocks > 0, COPY_COUNTS=out_counts_copy is not None,
         num_warps=row_warps,
     )
 

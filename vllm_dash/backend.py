@@ -277,18 +277,25 @@ class DashAttentionImpl(AttentionImpl):
         S = md.num_decodes
         seq_lens = md.seq_lens[:S]
         block_table = md.block_table[:S]
+        # statistics: the selection kernel writes the counts to the stats buffer as well
+        # (no copy launch per layer); layer 0 copies the lengths
+        stats_counts = STATS.counts_out(layer_idx) if self.config.stats_interval else None
         select_blocks_paged(q=q, summaries=summaries, block_table=block_table,
                             seq_lens=seq_lens, out_block_ids=b.block_ids,
                             out_log_prior=b.log_prior, out_counts=b.counts,
                             block_size=key_cache.shape[1], scale=self.scale,
-                            workspace=b.select_ws, **self.config.kernel_kwargs(layer_idx))
+                            workspace=b.select_ws, out_counts_copy=stats_counts,
+                            **self.config.kernel_kwargs(layer_idx))
         sparse_decode(q=q, key_cache=key_cache, value_cache=value_cache, block_ids=b.block_ids,
                       log_prior=b.log_prior, counts=b.counts, seq_lens=seq_lens, out=out,
                       block_size=key_cache.shape[1], scale=self.scale,
                       prior_weight=float(self.config.prior_weight), num_splits=md.num_splits,
                       workspace=b.decode_ws)
         if self.config.stats_interval:
-            STATS.record(layer_idx, b.counts[:S], seq_lens)
+            if stats_counts is None:
+                STATS.record(layer_idx, b.counts[:S], seq_lens)
+            else:
+                STATS.record_lens(layer_idx, seq_lens)
 
     def _prefill_gpu(self, md: DashMetadata, query, key_cache, value_cache, output) -> None:
         nd, nr = md.num_decode_tokens, md.num_decodes

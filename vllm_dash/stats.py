@@ -1,8 +1,8 @@
 """DASH decode statistics without a host sync in the decode step.
 
-Per decode step and layer, the impl copies the step's per-(sequence, KV head) selected-block
-counts into a buffer allocated once (one small device copy, captured in CUDA graphs like the
-rest of the step). Every ``stats_interval`` steps the builder (host side, between steps)
+Per decode step and layer, the step's per-(sequence, KV head) selected-block counts land in a
+buffer allocated once: on GPU the selection kernel writes them there as a second output, on
+CPU the impl copies them (captured in CUDA graphs like the rest of the step). Every ``stats_interval`` steps the builder (host side, between steps)
 enqueues an asynchronous copy of those buffers to pinned host memory with an event, and turns
 the previous sample into numbers once its event has completed — no synchronisation.
 
@@ -51,7 +51,18 @@ class DashStats:
         """In the step (one copy per layer; layer 0 also copies the lengths)."""
         S = counts.shape[0]
         self.counts[layer_idx, :S].copy_(counts[:S], non_blocking=True)
+        self.record_lens(layer_idx, seq_lens[:S])
+
+    def counts_out(self, layer_idx: int) -> Optional[torch.Tensor]:
+        """The layer's row of the counts buffer, int32 [max_seqs, Hk], for a kernel that
+        writes the counts there itself (then only :meth:`record_lens` is called); None
+        before :meth:`allocate`."""
+        return None if self.counts is None else self.counts[layer_idx]
+
+    def record_lens(self, layer_idx: int, seq_lens: torch.Tensor) -> None:
+        """In the step, layer 0 only: copy the step's context lengths."""
         if layer_idx == 0:
+            S = seq_lens.shape[0]
             self.lens[:S].copy_(seq_lens[:S], non_blocking=True)
 
     # ----------------------------------------------------------------- host side

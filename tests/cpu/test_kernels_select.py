@@ -65,10 +65,13 @@ def run_kernel(q, summ, bt, lens, *, cap_extra=2, workspace=None, **kw):
     cnt = torch.full((S + cap_extra, Hk), -777, dtype=torch.int32)
     if workspace is None:
         workspace = SelectWorkspace(S + cap_extra, Hq, Hk, nmax)
+    cnt2 = torch.full((S + cap_extra + 1, Hk), -555, dtype=torch.int32)   # a stats buffer
     select_blocks_paged(q=q, summaries=summ, block_table=bt, seq_lens=lens, out_block_ids=ids,
-                        out_log_prior=lp, out_counts=cnt, workspace=workspace, **kw)
-    # rows past S (capacity) are untouched
+                        out_log_prior=lp, out_counts=cnt, workspace=workspace,
+                        out_counts_copy=cnt2, **kw)
+    # rows past S (capacity) are untouched; the second destination holds the same counts
     assert (cnt[S:] == -777).all() and (ids[S:] == -777).all()
+    assert torch.equal(cnt2[:S], cnt[:S]) and (cnt2[S:] == -555).all()
     return ids[:S], lp[:S], cnt[:S]
 
 
@@ -295,8 +298,11 @@ def test_exact_ties_break_to_lower_block_id():
     q, summ, bt, lt = make_case(1, Hq, Hk, D, B, lens, seed=3)
     G = Hq // Hk
     phys = bt[0, :20].long()
-    qdir = q[0].float().view(Hk, G, D).sum(1)
-    qdir = qdir / qdir.norm(dim=-1, keepdim=True)                  # [Hk, D]
+    # dyadic q and +-1 directions: every product and partial sum is exact in fp32, so tied
+    # blocks score bitwise equal whatever order a matmul sums in (the interpreter's numpy
+    # matmul rounds identical columns differently on some CPUs)
+    q = torch.round(q * 8) / 8
+    qdir = torch.sign(q[0].float().view(Hk, G, D).sum(1))            # [Hk, D]
     summ[phys] = -2.0 * qdir                                        # weak
     summ[phys[2:6]] = 4.0 * qdir                                    # strong, tied
     summ[phys[6:14]] = 1.0 * qdir                                   # middle, tied
@@ -404,6 +410,12 @@ def test_argument_errors():
                             out_block_ids=torch.zeros(2, Hk, bt.shape[1], dtype=torch.int32),
                             out_log_prior=torch.zeros(2, Hk, bt.shape[1]),
                             out_counts=torch.zeros(2, Hk), block_size=B)
+    with pytest.raises(ValueError, match="out_counts_copy"):
+        select_blocks_paged(q=q, summaries=summ, block_table=bt, seq_lens=lt,
+                            out_block_ids=torch.zeros(2, Hk, bt.shape[1], dtype=torch.int32),
+                            out_log_prior=torch.zeros(2, Hk, bt.shape[1]),
+                            out_counts=torch.zeros(2, Hk, dtype=torch.int32), block_size=B,
+                            out_counts_copy=torch.zeros(2, Hk + 1, dtype=torch.int32))
 
 
 # --------------------------------------------------------------------------------------
@@ -449,8 +461,8 @@ def test_large_row_register_path():
     check(q, summ, bt, lt, block_size=B, min_blocks=9, max_blocks=40, sink_blocks=2,
           local_blocks=3, alpha=1.25, max_flips=2, check_margin=False)
     phys = bt[0, :n].long()
-    qdir = q[0].float().sum(0)
-    qdir = qdir / qdir.norm()
+    q = torch.round(q * 8) / 8                        # exact ties: see the test above
+    qdir = torch.sign(q[0].float().sum(0))
     summ[phys] = -2.0 * qdir                          # weak
     summ[phys[700:703]] = 4.0 * qdir                  # strong, tied
     summ[phys[100:1400:13]] = 1.0 * qdir              # middle level, tied

@@ -31,6 +31,25 @@ def test_sample_pipeline_and_file(tmp_path, monkeypatch):
     assert st.samples == 2             # snapshot finished the pending sample too
 
 
+def test_counts_written_by_the_selection_kernel(tmp_path, monkeypatch):
+    """The GPU path: select_blocks_paged writes the counts into counts_out(layer) itself
+    (no copy launch), and only layer 0 copies the lengths; the sample is the same."""
+    monkeypatch.setenv(STATS_FILE_ENV, str(tmp_path / "stats.json"))
+    st = DashStats()
+    assert st.counts_out(0) is None                     # before allocate
+    st.allocate(num_layers=2, max_num_seqs=4, num_kv_heads=2, block_size=16, device="cpu")
+    lens = torch.tensor([100, 20, 0], dtype=torch.int32)
+    st.counts_out(0)[:3] = torch.tensor([[3, 7], [2, 2], [0, 0]], dtype=torch.int32)
+    st.counts_out(1)[:3] = torch.tensor([[7, 7], [1, 2], [0, 0]], dtype=torch.int32)
+    st.record_lens(0, lens)
+    st.record_lens(1, torch.full((3,), 999, dtype=torch.int32))   # not layer 0: ignored
+    assert st.lens[:3].tolist() == [100, 20, 0]
+    st.sample(3)
+    snap = st.snapshot()
+    assert snap[0]["density"] == pytest.approx(176 / 240)        # as in the test above
+    assert snap[1]["density"] == pytest.approx(224 / 240)
+
+
 def test_collector_exposes_vllm_dash_metrics(tmp_path):
     path = tmp_path / "stats.json"
     reg = CollectorRegistry()
