@@ -110,8 +110,10 @@ def main():
         print("E2E_RESULT " + json.dumps(run_engine(args, spec["backend"], spec["dash"])),
               flush=True)
         return
+    model_name = args.model
     if args.model is None:
         from vllm_dash.serving.models import make_tiny_llama
+        model_name = "(generated tiny Llama: 2 layers, 8/2 heads, head_dim 128, random weights)"
         d = os.path.join(tempfile.mkdtemp(prefix="dash-e2e-"), "tiny")
         # head_dim 128 (FlashAttention-3 sizes), GQA 8/2, 2 layers, random weights
         args.model = str(make_tiny_llama(d, head_dim=128, num_layers=2, num_heads=8,
@@ -124,7 +126,7 @@ def main():
             "dash_dense": spawn(args, "dash_dense", "CUSTOM",
                                 {"score_scale": 0.0, "prior_weight": 0.0, "stats_interval": 1}),
             "dash_sparse": spawn(args, "dash_sparse", "CUSTOM", sparse)}
-    report = {"device": args.device, "model": args.model, "lengths": args.lengths,
+    report = {"device": args.device, "model": model_name, "lengths": args.lengths,
               "max_tokens": args.max_tokens, "runs": runs}
     if args.device == "cuda":
         import torch
