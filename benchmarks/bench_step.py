@@ -27,7 +27,8 @@ import platform
 
 import torch
 
-from bench_kernels import bench_ms, fa3_module, gpu_name  # noqa: E402 (sets TRITON_INTERPRET on CPU)
+# bench_kernels sets TRITON_INTERPRET on a machine without a GPU, before Triton is imported
+from bench_kernels import bench_ms, fa3_module, gpu_name
 from vllm_dash.kernels.decode import DecodeWorkspace, choose_num_splits, sparse_decode
 from vllm_dash.kernels.select import SelectWorkspace, select_blocks_paged
 from vllm_dash.kernels.summaries import write_kv_and_summaries

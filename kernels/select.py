@@ -8,9 +8,10 @@ twin :func:`select_blocks_paged_torch` runs the reference and converts its ``Sel
 into the same compacted format.
 
 Kernels: three launches (K1, K2, K3b; four with K3a when a row does not fit registers)
-with fixed grids from the capacities (num_seqs, Hq, Hk, max_blocks_per_seq), no host sync, no allocation when a :class:`SelectWorkspace` is passed
-(CUDA-graph capturable). Sequences of length <= 0 give count 0; sequences shorter than
-``dense_below`` skip K1-K3a and K3b lists every block with log-prior 0.
+with fixed grids from the capacities (num_seqs, Hq, Hk, max_blocks_per_seq), no host sync,
+no allocation when a :class:`SelectWorkspace` is passed (CUDA-graph capturable). Sequences
+of length <= 0 give count 0; sequences shorter than ``dense_below`` skip K1-K3a and K3b
+lists every block with log-prior 0.
 
   K1 scores, grid (S, Hk, P), P <= ceil(n_max / CHUNK) programs per pair looping over
      chunks (see _score_programs): u = scale * q_h . kbar_c for the G heads of the KV head

@@ -291,11 +291,8 @@ class DashAttentionImpl(AttentionImpl):
                       block_size=key_cache.shape[1], scale=self.scale,
                       prior_weight=float(self.config.prior_weight), num_splits=md.num_splits,
                       workspace=b.decode_ws)
-        if self.config.stats_interval:
-            if stats_counts is None:
-                STATS.record(layer_idx, b.counts[:S], seq_lens)
-            else:
-                STATS.record_lens(layer_idx, seq_lens)
+        if stats_counts is not None:
+            STATS.record_lens(layer_idx, seq_lens)
 
     def _prefill_gpu(self, md: DashMetadata, query, key_cache, value_cache, output) -> None:
         nd, nr = md.num_decode_tokens, md.num_decodes

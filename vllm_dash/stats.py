@@ -2,9 +2,10 @@
 
 Per decode step and layer, the step's per-(sequence, KV head) selected-block counts land in a
 buffer allocated once: on GPU the selection kernel writes them there as a second output, on
-CPU the impl copies them (captured in CUDA graphs like the rest of the step). Every ``stats_interval`` steps the builder (host side, between steps)
-enqueues an asynchronous copy of those buffers to pinned host memory with an event, and turns
-the previous sample into numbers once its event has completed — no synchronisation.
+CPU the impl copies them (captured in CUDA graphs like the rest of the step). Every
+``stats_interval`` steps the builder (host side, between steps) enqueues an asynchronous
+copy of those buffers to pinned host memory with an event, and turns the previous sample into
+numbers once its event has completed — no synchronisation.
 
 Samples are summed in this process (:meth:`DashStats.snapshot`, used by offline runs and
 tests) and written atomically as JSON to ``$VLLM_DASH_STATS_FILE`` (set by ``register()`` in
