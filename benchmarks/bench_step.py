@@ -28,14 +28,10 @@ import platform
 import torch
 
 # bench_kernels sets TRITON_INTERPRET on a machine without a GPU, before Triton is imported
-from bench_kernels import bench_ms, fa3_module, gpu_name
+from bench_kernels import bench_ms, fa3_module, gpu_name, ints
 from vllm_dash.kernels.decode import DecodeWorkspace, choose_num_splits, sparse_decode
 from vllm_dash.kernels.select import SelectWorkspace, select_blocks_paged
 from vllm_dash.kernels.summaries import write_kv_and_summaries
-
-
-def ints(s):
-    return [int(x) for x in s.split(",") if x]
 
 
 def dash_caches(L, nb, Hk, B, D, dtype, device):
