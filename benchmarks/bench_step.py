@@ -29,6 +29,7 @@ import torch
 
 # bench_kernels sets TRITON_INTERPRET on a machine without a GPU, before Triton is imported
 from bench_kernels import bench_ms, fa3_module, gpu_name, ints
+from vllm_dash import compat
 from vllm_dash.kernels.decode import DecodeWorkspace, choose_num_splits, sparse_decode
 from vllm_dash.kernels.select import SelectWorkspace, select_blocks_paged
 from vllm_dash.kernels.summaries import write_kv_and_summaries
@@ -36,16 +37,16 @@ from vllm_dash.kernels.summaries import write_kv_and_summaries
 
 def dash_caches(L, nb, Hk, B, D, dtype, device):
     """Per layer: (key_cache, value_cache, summaries) views of one padded page per block,
-    the layout of vllm_dash's KV cache ([K | V | fp32 summaries] per block)."""
+    the layout of vllm_dash's KV cache ([K | V | fp32 summaries] per block), made with the
+    backend's own summary view."""
+    esize = torch.tensor([], dtype=dtype).element_size()
     kv_elems = 2 * Hk * B * D
-    ratio = 4 // torch.tensor([], dtype=dtype).element_size()
-    page = kv_elems + Hk * D * ratio
+    page = kv_elems + compat.summary_page_bytes(Hk, D) // esize
     out = []
     for _ in range(L):
         raw = torch.randn(nb * page, device=device).to(dtype)
         kv = raw.as_strided((nb, 2, Hk, B, D), (page, Hk * B * D, B * D, D, 1))
-        summ = raw.as_strided((nb, Hk, D * ratio), (page, D * ratio, 1), kv_elems)
-        summ = summ.view(torch.float32) if ratio != 1 else summ
+        summ = compat.summary_view(kv, Hk, D)
         summ.copy_(torch.randn(summ.shape, device=device))
         out.append((kv[:, 0].transpose(1, 2), kv[:, 1].transpose(1, 2), summ))
     return out
