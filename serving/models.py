@@ -42,7 +42,7 @@ GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER_FILENAME = ".vllm-dash-converted.json"
 _TMP_PREFIX = ".tmp-"
 
-# vLLM's CPU attention supports these head sizes only (research/install.md §3, Error 4).
+# vLLM's CPU attention supports these head sizes only (docs/design.md §8.2).
 MIN_HEAD_DIM = 32
 
 
