@@ -48,6 +48,7 @@ if not torch.cuda.is_available():          # CPU smoke run: Triton only runs int
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from vllm_dash.kernels.decode import (DecodeWorkspace, choose_num_splits,  # noqa: E402
                                       fill_dense_selection, sparse_decode)
+from vllm_dash.kernels.params import DashParams  # noqa: E402
 from vllm_dash.kernels.fa_tables import (compact_head_major_tables,  # noqa: E402
                                          head_major_page_view, queries_as_groups)
 
@@ -202,9 +203,10 @@ def run_config(*, Hq, Hk, batch, ctx, D, B, dtype, densities, prior_weight, num_
                          timing=bench_ms.last_mode, **extra))
 
     def decode(pw):
+        params = DashParams(prior_weight=pw)
         return lambda: sparse_decode(q=q, key_cache=k_view, value_cache=v_view, block_ids=ids,
                                      log_prior=lp, counts=counts, seq_lens=seq_lens, out=out,
-                                     block_size=B, prior_weight=pw, num_splits=ns,
+                                     params=params, block_size=B, num_splits=ns,
                                      workspace=ws, **launch)
 
     def selected_kv_bytes():

@@ -18,11 +18,8 @@ import sys
 import torch
 import triton
 
-try:
-    from vllm_dash.kernels.select import SelectWorkspace, select_blocks_paged
-except ImportError:                                    # not installed: use the source tree
-    sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from kernels.select import SelectWorkspace, select_blocks_paged  # noqa: E402
+from vllm_dash.kernels.params import DashParams
+from vllm_dash.kernels.select import SelectWorkspace, select_blocks_paged
 
 K = 1024
 CASES = [  # name, S, Hq, Hk, B, context, settings
@@ -57,11 +54,12 @@ def run_case(name, S, Hq, Hk, B, ctx, kw, D=128, dtype=torch.bfloat16, seed=0):
     lp = torch.empty(S, Hk, nmax, dtype=torch.float32, device=dev)
     cnt = torch.empty(S, Hk, dtype=torch.int32, device=dev)
     ws = SelectWorkspace(S, Hq, Hk, nmax, device=dev)
+    params = DashParams(**kw)
 
     def call():
         select_blocks_paged(q=q, summaries=summ, block_table=bt, seq_lens=lens,
                             out_block_ids=ids, out_log_prior=lp, out_counts=cnt,
-                            workspace=ws, block_size=B, **kw)
+                            workspace=ws, block_size=B, params=params)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -29,26 +29,27 @@ import torch
 
 # bench_kernels sets TRITON_INTERPRET on a machine without a GPU, before Triton is imported
 from bench_kernels import bench_ms, fa3_module, gpu_name, ints
-from vllm_dash import compat
+from vllm_dash import layout
 from vllm_dash.kernels.decode import DecodeWorkspace, choose_num_splits, sparse_decode
+from vllm_dash.kernels.params import DashParams
 from vllm_dash.kernels.select import SelectWorkspace, select_blocks_paged
 from vllm_dash.kernels.summaries import write_kv_and_summaries
 
 
 def dash_caches(L, nb, Hk, B, D, dtype, device):
     """Per layer: (key_cache, value_cache, summaries) views of one padded page per block,
-    the layout of vllm_dash's KV cache ([K | V | fp32 summaries] per block), made with the
-    backend's own summary view."""
+    the layout of vllm_dash's KV cache ([K | V | fp32 summaries] per block), made with
+    vllm_dash.layout's own views."""
     esize = torch.tensor([], dtype=dtype).element_size()
     kv_elems = 2 * Hk * B * D
-    page = kv_elems + compat.summary_page_bytes(Hk, D) // esize
+    page = kv_elems + layout.summary_page_bytes(Hk, D) // esize
     out = []
     for _ in range(L):
         raw = torch.randn(nb * page, device=device).to(dtype)
         kv = raw.as_strided((nb, 2, Hk, B, D), (page, Hk * B * D, B * D, D, 1))
-        summ = compat.summary_view(kv, Hk, D)
+        summ = layout.summary_view(kv, Hk, D)
         summ.copy_(torch.randn(summ.shape, device=device))
-        out.append((kv[:, 0].transpose(1, 2), kv[:, 1].transpose(1, 2), summ))
+        out.append((*layout.kv_views(kv), summ))
     return out
 
 
@@ -86,8 +87,9 @@ def run_config(*, ctx, batch, L, Hq, Hk, D, B, dtype, max_model_len, dense_below
     lp = torch.zeros(batch, Hk, cap, dtype=torch.float32, device=device)
     cnt = torch.zeros(batch, Hk, dtype=torch.int32, device=device)
     stats = torch.zeros(L, batch, Hk, dtype=torch.int32, device=device)
-    sel_kw = dict(block_size=B, scale=scale, score_scale=score_scale, dense_below=dense_below,
-                  sink_blocks=1, local_blocks=1, workspace=sws)
+    params = DashParams(score_scale=score_scale, dense_below=dense_below, sink_blocks=1,
+                        local_blocks=1)
+    sel_kw = dict(block_size=B, scale=scale, params=params, workspace=sws)
 
     def dash_write(i):
         kc, vc, sm = caches[i]
@@ -102,8 +104,8 @@ def run_config(*, ctx, batch, L, Hq, Hk, D, B, dtype, max_model_len, dense_below
     def dash_decode(i):
         kc, vc, _ = caches[i]
         sparse_decode(q=qs[i], key_cache=kc, value_cache=vc, block_ids=ids, log_prior=lp,
-                      counts=cnt, seq_lens=seq_lens, out=out, block_size=B, scale=scale,
-                      num_splits=ns, workspace=dws)
+                      counts=cnt, seq_lens=seq_lens, out=out, params=params, block_size=B,
+                      scale=scale, num_splits=ns, workspace=dws)
 
     def all_layers(*parts):
         def f():

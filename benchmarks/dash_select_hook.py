@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_dash.kernels.params import DashParams
 from vllm_dash.kernels.select import SelectWorkspace, select_blocks_paged
 
 _CACHE: dict = {}
@@ -33,6 +34,10 @@ def _full_block_means(key_cache, chunk=4096):
     return out
 
 
+def _params(score_scale: float) -> DashParams:
+    return DashParams(score_norm="standardize", score_scale=score_scale)
+
+
 def select(*, q, key_cache, value_cache, block_table, seq_lens, block_size, density,
            out_block_ids, out_log_prior, out_counts):
     key = (key_cache.data_ptr(), tuple(q.shape), tuple(block_table.shape), density)
@@ -44,18 +49,17 @@ def select(*, q, key_cache, value_cache, block_table, seq_lens, block_size, dens
         ws = SelectWorkspace(S, Hq, Hk, block_table.shape[1], device=q.device)
         kw = dict(q=q, summaries=summaries, block_table=block_table, seq_lens=seq_lens,
                   out_block_ids=out_block_ids, out_log_prior=out_log_prior,
-                  out_counts=out_counts, block_size=block_size, score_norm="standardize",
-                  workspace=ws)
+                  out_counts=out_counts, block_size=block_size, workspace=ws)
         lo, hi = 0.0, 64.0
         for _ in range(14):                      # density decreases as score_scale grows
             mid = 0.5 * (lo + hi)
-            select_blocks_paged(score_scale=mid, **kw)
+            select_blocks_paged(params=_params(mid), **kw)
             if _density(out_counts, seq_lens, block_size, Hk) > density:
                 lo = mid
             else:
                 hi = mid
-        select_blocks_paged(score_scale=hi, **kw)
+        select_blocks_paged(params=_params(hi), **kw)
         CALIBRATION[str(key[1:])] = {"score_scale": hi,
                                      "density": _density(out_counts, seq_lens, block_size, Hk)}
-        st = _CACHE[key] = dict(kw, score_scale=hi)
+        st = _CACHE[key] = dict(kw, params=_params(hi))
     select_blocks_paged(**st)

@@ -50,10 +50,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference as ref
+from .checks import check_decode
+from .params import DashParams
+
 __all__ = [
     "DecodeWorkspace",
     "sparse_decode",
-    "sparse_decode_torch",
     "fill_dense_selection",
     "choose_num_splits",
     "MAX_SPLITS",
@@ -354,46 +357,10 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _check_args(q, key_cache, value_cache, block_ids, log_prior, counts, seq_lens, out,
-                block_size):
-    if q.dim() != 3:
-        raise ValueError(f"q must be [num_seqs, Hq, D], got {tuple(q.shape)}")
-    S, Hq, D = q.shape
-    if key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
-        raise ValueError(f"key_cache/value_cache must be 4-D [num_blocks, B, Hk, D] views of "
-                         f"the same shape, got {tuple(key_cache.shape)} and "
-                         f"{tuple(value_cache.shape)}")
-    _, B, Hk, Dk = key_cache.shape
-    if B != block_size:
-        raise ValueError(f"block_size ({block_size}) does not match the cache's block "
-                         f"dimension ({B})")
-    if Dk != D:
-        raise ValueError(f"head size of q ({D}) and of the cache ({Dk}) differ")
-    if Hk < 1 or Hq % Hk:
-        raise ValueError(f"number of query heads ({Hq}) must be a multiple of the number of "
-                         f"KV heads ({Hk})")
-    if block_ids.dim() != 3 or block_ids.shape[0] < S or block_ids.shape[1] != Hk:
-        raise ValueError(f"block_ids must be [S_cap >= {S}, Hk={Hk}, max_blocks], got "
-                         f"{tuple(block_ids.shape)}")
-    if log_prior.shape != block_ids.shape:
-        raise ValueError(f"log_prior shape {tuple(log_prior.shape)} must equal block_ids "
-                         f"shape {tuple(block_ids.shape)}")
-    if counts.dim() != 2 or counts.shape[0] < S or counts.shape[1] != Hk:
-        raise ValueError(f"counts must be [S_cap >= {S}, Hk={Hk}], got {tuple(counts.shape)}")
-    if seq_lens.dim() != 1 or seq_lens.shape[0] < S:
-        raise ValueError(f"seq_lens must be [>= {S}], got {tuple(seq_lens.shape)}")
-    if out.shape != q.shape:
-        raise ValueError(f"out shape {tuple(out.shape)} must equal q shape {tuple(q.shape)}")
-    if block_ids.dtype not in (torch.int32, torch.int64) or \
-            counts.dtype not in (torch.int32, torch.int64):
-        raise ValueError("block_ids and counts must be int32 (or int64) tensors")
-    return S, Hq, D, B, Hk
-
-
 def sparse_decode(*, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                   block_ids: torch.Tensor, log_prior: torch.Tensor, counts: torch.Tensor,
-                  seq_lens: torch.Tensor, out: torch.Tensor, block_size: int,
-                  scale: Optional[float] = None, prior_weight: float = 1.0,
+                  seq_lens: torch.Tensor, out: torch.Tensor, params: DashParams,
+                  block_size: int, scale: Optional[float] = None,
                   num_splits: Optional[int] = None,
                   workspace: Optional[DecodeWorkspace] = None,
                   num_warps: Optional[int] = None, num_stages: Optional[int] = None
@@ -403,11 +370,14 @@ def sparse_decode(*, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     q [S, Hq, D] (fp16/bf16/fp32); key_cache/value_cache indexed [block, slot, head, dim]
     through their strides (NHD cache, or a head-major cache's ``.transpose(1, 2)`` view);
     block_ids/log_prior [S_cap, Hk, max_blocks]; counts [S_cap, Hk]; seq_lens [>= S];
-    out [S, Hq, D]. ``num_splits`` None: :func:`choose_num_splits` (capped by the
-    workspace). ``num_warps``/``num_stages``: launch tuning (defaults by shape).
+    out [S, Hq, D]. Of ``params`` (validated when built) only prior_weight is used.
+    ``num_splits`` None: :func:`choose_num_splits` (capped by the workspace).
+    ``num_warps``/``num_stages``: launch tuning (defaults by shape).
     """
-    S, Hq, D, B, Hk = _check_args(q, key_cache, value_cache, block_ids, log_prior, counts,
-                                  seq_lens, out, block_size)
+    ref._check_args(params, block_size, scale)
+    S, Hq, D, B, Hk = check_decode(q, key_cache, value_cache, block_ids, log_prior, counts,
+                                   seq_lens, out, block_size)
+    prior_weight = params.prior_weight
     G = Hq // Hk
     if S == 0:
         return out
@@ -494,46 +464,3 @@ def fill_dense_selection(*, block_table: torch.Tensor, seq_lens: torch.Tensor,
         *block_table.stride(), *out_block_ids.stride(), *out_log_prior.stride(),
         *out_counts.stride(), ncols, Hk, B=block_size, BLOCK=BLOCK,
     )
-
-
-# --------------------------------------------------------------------------------------
-# torch twin (readable; used by the tests)
-# --------------------------------------------------------------------------------------
-def sparse_decode_torch(*, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                        block_ids: torch.Tensor, log_prior: torch.Tensor, counts: torch.Tensor,
-                        seq_lens: torch.Tensor, out: torch.Tensor, block_size: int,
-                        scale: Optional[float] = None, prior_weight: float = 1.0,
-                        num_splits: Optional[int] = None,
-                        workspace: Optional[DecodeWorkspace] = None, **_unused) -> torch.Tensor:
-    """Same arguments and result as :func:`sparse_decode` (num_splits/workspace ignored):
-    gather the listed blocks of each (sequence, KV head), drop the current block's unwritten
-    slots, and run plain softmax attention in fp32. Host-syncing; for tests only."""
-    S, Hq, D, B, Hk = _check_args(q, key_cache, value_cache, block_ids, log_prior, counts,
-                                  seq_lens, out, block_size)
-    G = Hq // Hk
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    cnt = counts[:S].long().clamp(max=block_ids.shape[2]).cpu()
-    lens = seq_lens[:S].long().cpu()
-    for s in range(S):
-        L = int(lens[s])
-        last_fill = L - (-(-L // B) - 1) * B
-        for h in range(Hk):
-            n = int(cnt[s, h])
-            qh = q[s, h * G:(h + 1) * G].float()                       # [G, D]
-            if n == 0:
-                out[s, h * G:(h + 1) * G] = 0
-                continue
-            ids = block_ids[s, h, :n].long()
-            k = key_cache[ids, :, h, :].float().reshape(n * B, D)       # [n*B, D]
-            v = value_cache[ids, :, h, :].float().reshape(n * B, D)
-            keep = torch.ones(n, B, dtype=torch.bool, device=q.device)
-            keep[n - 1, last_fill:] = False
-            keep = keep.reshape(-1)
-            k, v = k[keep], v[keep]
-            tok_lp = log_prior[s, h, :n].float().repeat_interleave(B)[keep]
-            logits = scale * (qh @ k.T)
-            if prior_weight != 0.0:
-                logits = logits + prior_weight * tok_lp[None, :]
-            a = torch.softmax(logits, dim=-1)
-            out[s, h * G:(h + 1) * G] = (a @ v).to(out.dtype)
-    return out

@@ -36,12 +36,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from vllm_dash.kernels.checks import check_decode, check_heads, check_select, check_write
+from vllm_dash.kernels.params import DashParams, check_scale
+
 __all__ = [
+    "DashParams",
     "ENTMAX_N_ITER",
     "ENTMAX_TOL",
-    "SCORE_NORMS",
-    "PRIOR_NORMS",
-    "SELECTORS",
     "STD_EPS",
     "entmax",
     "entmax_threshold",
@@ -53,7 +54,11 @@ __all__ = [
     "sparse_attention",
     "dash_attention",
     "dash_attention_paged",
-    "validate_dash_args",
+    # twins of the Triton entry points (same names and keyword arguments)
+    "write_kv_and_summaries",
+    "select_blocks_paged",
+    "selection_to_compact",
+    "sparse_decode",
 ]
 
 #: Fixed iteration count of the general-alpha threshold solver (no data-dependent loop).
@@ -62,12 +67,8 @@ ENTMAX_N_ITER = 30
 ENTMAX_TOL = 1e-5
 #: Floor of the standard deviation in score_norm="standardize" (population std).
 STD_EPS = 1e-6
-SCORE_NORMS = ("none", "standardize")
-#: "entmax": DASH (entmax support, plus forced and floor blocks). "topk": the baseline that
-#: keeps only the forced blocks and each head's min_blocks highest scores (union over the
-#: GQA group), all with prior 1 (Quest / InfLLM-v2 style top-k on the same summaries).
-SELECTORS = ("entmax", "topk")
-PRIOR_NORMS = ("none", "max")
+#: Smallest prior before the log (a selected block's log-prior is finite).
+TINY = torch.finfo(torch.float32).tiny
 
 
 # --------------------------------------------------------------------------------------
@@ -201,56 +202,20 @@ def entmax(x: torch.Tensor, alpha: float = 1.5, dim: int = -1,
 
 
 # --------------------------------------------------------------------------------------
-# argument checks (shared by every entry point and, through the adapter, by DashConfig)
+# argument checks: the knobs are checked once, when their DashParams is built; here only
+# what a call adds (shapes, block size, softmax scale)
 # --------------------------------------------------------------------------------------
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _check_args(params: DashParams, block_size: int, scale=None) -> None:
+    if not isinstance(params, DashParams):
+        raise TypeError(f"params must be a DashParams, got {type(params).__name__}")
+    _check_block_size(block_size)
+    check_scale(scale)
 
 
-def validate_dash_args(*, block_size, alpha=1.5, score_scale=1.0, prior_weight=1.0,
-                       sink_blocks=0, local_blocks=0, max_blocks=None, min_blocks=0,
-                       dense_below=0, score_norm="none", prior_norm="none",
-                       scale=None, selector="entmax") -> None:
-    """Raise ValueError naming the argument and its allowed values for anything invalid."""
-    if not _is_int(block_size) or block_size < 1 or block_size & (block_size - 1):
+def _check_block_size(block_size) -> None:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1 \
+            or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a positive power of two, got {block_size!r}")
-    _check_alpha(alpha)
-    if not isinstance(score_scale, (int, float)) or isinstance(score_scale, bool) or \
-            not math.isfinite(score_scale) or score_scale < 0:
-        raise ValueError(f"score_scale must be a finite number >= 0, got {score_scale!r}")
-    if not isinstance(prior_weight, (int, float)) or isinstance(prior_weight, bool) or \
-            not (0.0 <= prior_weight <= 1.0):
-        raise ValueError(f"prior_weight must be in [0, 1], got {prior_weight!r}")
-    for name, v in (("sink_blocks", sink_blocks), ("local_blocks", local_blocks),
-                    ("min_blocks", min_blocks), ("dense_below", dense_below)):
-        if not _is_int(v) or v < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
-    if max_blocks is not None:
-        need = sink_blocks + max(local_blocks, 1)
-        if not _is_int(max_blocks) or max_blocks < need:
-            raise ValueError(
-                f"max_blocks must be None or an integer >= sink_blocks + max(local_blocks, 1) "
-                f"= {need} (the forced blocks always stay), got {max_blocks!r}")
-    if score_norm not in SCORE_NORMS:
-        raise ValueError(f"score_norm must be one of {SCORE_NORMS}, got {score_norm!r}")
-    if prior_norm not in PRIOR_NORMS:
-        raise ValueError(f"prior_norm must be one of {PRIOR_NORMS}, got {prior_norm!r}")
-    if selector not in SELECTORS:
-        raise ValueError(f"selector must be one of {SELECTORS}, got {selector!r}")
-    if selector == "topk" and _is_int(min_blocks) and min_blocks < 1:
-        raise ValueError(f"selector 'topk' keeps each head's min_blocks highest-scoring blocks: "
-                         f"min_blocks must be an integer >= 1 (the k), got {min_blocks!r}")
-    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
-                              or not math.isfinite(scale) or scale <= 0):
-        raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
-
-
-def _check_heads(num_q_heads: int, num_kv_heads: int) -> int:
-    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
-        raise ValueError(
-            f"q: the number of query heads ({num_q_heads}) must be a multiple of the number "
-            f"of KV heads ({num_kv_heads})")
-    return num_q_heads // num_kv_heads
 
 
 def _seq_lens_tensor(seq_lens, num_seqs: int, max_len: int, device) -> torch.Tensor:
@@ -278,7 +243,7 @@ def block_summaries(k: torch.Tensor, block_size: int, seq_lens=None) -> torch.Te
     k [num_seqs, Hk, L_max, D] -> fp32 [num_seqs, Hk, n_max, D], n_max = ceil(L_max / B);
     blocks past a sequence's end are zero.
     """
-    validate_dash_args(block_size=block_size)
+    _check_block_size(block_size)
     S, Hk, L, D = k.shape
     lens = _seq_lens_tensor(seq_lens, S, L, k.device)
     n_max = -(-L // block_size)
@@ -388,12 +353,8 @@ class Selection:
         return self.selected_tokens().float() / self.seq_lens[:, None].float()
 
 
-def select_blocks(q: torch.Tensor, summaries: torch.Tensor, seq_lens, *, block_size: int,
-                  alpha: float = 1.5, score_scale: float = 1.0, sink_blocks: int = 0,
-                  local_blocks: int = 0, max_blocks: Optional[int] = None,
-                  min_blocks: int = 0, dense_below: int = 0, score_norm: str = "none",
-                  prior_norm: str = "none", scale: Optional[float] = None,
-                  selector: str = "entmax") -> Selection:
+def select_blocks(q: torch.Tensor, summaries: torch.Tensor, seq_lens, *, params: DashParams,
+                  block_size: int, scale: Optional[float] = None) -> Selection:
     """Stage 1 for decode queries q [S, Hq, D] against per-sequence block summaries
     [S, Hk, n_max, D] (logical order). See the module docstring for the rules.
 
@@ -406,77 +367,44 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, seq_lens, *, block_s
       * selector "topk": no entmax (p and pbar are zero, so nothing beyond the floor): the
         selection is the forced blocks plus the floor (min_blocks >= 1 is the k).
     """
-    validate_dash_args(block_size=block_size, alpha=alpha, score_scale=score_scale,
-                       sink_blocks=sink_blocks, local_blocks=local_blocks,
-                       max_blocks=max_blocks, min_blocks=min_blocks,
-                       dense_below=dense_below, score_norm=score_norm,
-                       prior_norm=prior_norm, scale=scale, selector=selector)
+    _check_args(params, block_size, scale)
     S, Hq, D = q.shape
     Hk, n_max = summaries.shape[1], summaries.shape[2]
-    G = _check_heads(Hq, Hk)
+    G = check_heads(Hq, Hk)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     lens = _seq_lens_tensor(seq_lens, S, n_max * block_size, q.device)
     n = _num_blocks(lens, block_size)
     c = torch.arange(n_max, device=q.device)
     valid = c[None, :] < n[:, None]                                    # [S, n_max]
 
-    # scores u_hc = scale * q_h . kbar_c against the head's KV summaries
-    kbar = summaries.float().repeat_interleave(G, dim=1)               # [S, Hq, n_max, D]
-    u = scale * torch.einsum("shd,shcd->shc", q.float(), kbar)
-    if score_norm == "standardize":
-        w = valid[:, None, :].float()
-        mean = (u * w).sum(-1, keepdim=True) / n[:, None, None]
-        var = (((u - mean) * w) ** 2).sum(-1, keepdim=True) / n[:, None, None]
-        z = score_scale * (u - mean) / var.sqrt().clamp_min(STD_EPS)
-    else:
-        z = score_scale * u
-    z = z.masked_fill(~valid[:, None, :], float("-inf"))
-
-    if selector == "topk":                      # no entmax support: floor + forced only
+    z = _block_scores(q, summaries, valid, n, params, scale)           # [S, Hq, n_max]
+    if params.selector == "topk":               # no entmax support: floor + forced only
         p = torch.zeros_like(z)
     else:
-        p = entmax(z, alpha=alpha, dim=-1)                             # [S, Hq, n_max]
+        p = entmax(z, alpha=params.alpha, dim=-1)                      # [S, Hq, n_max]
     pbar = p.view(S, Hk, G, n_max).mean(2)                             # [S, Hk, n_max]
 
     forced = (c[None, :] == (n - 1)[:, None])                          # current block
-    forced |= c[None, :] < sink_blocks
-    forced |= c[None, :] >= (n - local_blocks)[:, None]
+    forced |= c[None, :] < params.sink_blocks
+    forced |= c[None, :] >= (n - params.local_blocks)[:, None]
     forced = (forced & valid)[:, None, :].expand(S, Hk, n_max).clone()
-
-    selected = (pbar > 0) | forced
-    if min_blocks > 0:
-        # each head's min_blocks highest z (ties: lower block id), union over the group
-        kk = min(min_blocks, n_max)
-        order = torch.sort(z, dim=-1, descending=True, stable=True).indices
-        floor_h = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, order[..., :kk], True)
-        floor_h &= valid[:, None, :]
-        floor = floor_h.view(S, Hk, G, n_max).any(2)
-    else:
-        floor = torch.zeros_like(forced)
-    selected |= floor
+    floor = _floor(z, valid, Hk, params.min_blocks)
+    selected = (pbar > 0) | forced | floor
     forced_or_floor = forced | floor
-
-    dense = lens < dense_below
-    if max_blocks is not None:
-        # rank: forced first, then pbar, then the group's mean score (two stable sorts)
-        group_score = torch.where(valid[:, None, :], z, torch.zeros_like(z))
-        group_score = group_score.view(S, Hk, G, n_max).mean(2)
-        order = torch.sort(group_score, dim=-1, descending=True, stable=True).indices
-        primary = (forced.float() * 2.0 + pbar).masked_fill(~selected, -1.0)
-        order = order.gather(-1, torch.sort(primary.gather(-1, order), dim=-1,
-                                            descending=True, stable=True).indices)
-        keep = torch.zeros_like(selected).scatter_(-1, order[..., :max_blocks], True)
+    if params.max_blocks is not None:
+        keep = _cap(z, pbar, forced, selected, valid, params.max_blocks)
         selected &= keep
         forced_or_floor &= selected
     selected &= valid[:, None, :]
 
-    if prior_norm == "max":
+    if params.prior_norm == "max":
         pmax = pbar.amax(-1, keepdim=True).clamp_min(torch.finfo(pbar.dtype).tiny)
         prior = pbar / pmax
     else:
         prior = pbar.clone()
     prior = torch.where(forced_or_floor, torch.ones_like(prior), prior)
     # dense_below: the whole sequence, flat prior
+    dense = lens < params.dense_below
     selected = torch.where(dense[:, None, None], valid[:, None, :].expand_as(selected), selected)
     prior = torch.where(dense[:, None, None] & valid[:, None, :], torch.ones_like(prior), prior)
     prior = torch.where(selected, prior, torch.zeros_like(prior))
@@ -485,17 +413,60 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, seq_lens, *, block_s
                      block_size=block_size)
 
 
+def _block_scores(q, summaries, valid, n, params: DashParams, scale: float) -> torch.Tensor:
+    """z [S, Hq, n_max]: u_hc = scale * q_h . kbar_c, then score_norm and score_scale;
+    -inf past each sequence's blocks."""
+    G = q.shape[1] // summaries.shape[1]
+    kbar = summaries.float().repeat_interleave(G, dim=1)               # [S, Hq, n_max, D]
+    u = scale * torch.einsum("shd,shcd->shc", q.float(), kbar)
+    if params.score_norm == "standardize":
+        w = valid[:, None, :].float()
+        mean = (u * w).sum(-1, keepdim=True) / n[:, None, None]
+        var = (((u - mean) * w) ** 2).sum(-1, keepdim=True) / n[:, None, None]
+        z = params.score_scale * (u - mean) / var.sqrt().clamp_min(STD_EPS)
+    else:
+        z = params.score_scale * u
+    return z.masked_fill(~valid[:, None, :], float("-inf"))
+
+
+def _floor(z, valid, Hk: int, min_blocks: int) -> torch.Tensor:
+    """Each head's min_blocks highest z (ties: lower block id), union over the GQA group:
+    bool [S, Hk, n_max]."""
+    S, Hq, n_max = z.shape
+    if min_blocks <= 0:
+        return torch.zeros(S, Hk, n_max, dtype=torch.bool, device=z.device)
+    kk = min(min_blocks, n_max)
+    order = torch.sort(z, dim=-1, descending=True, stable=True).indices
+    floor_h = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, order[..., :kk], True)
+    floor_h &= valid[:, None, :]
+    return floor_h.view(S, Hk, Hq // Hk, n_max).any(2)
+
+
+def _cap(z, pbar, forced, selected, valid, max_blocks: int) -> torch.Tensor:
+    """The max_blocks blocks kept per (sequence, KV head): forced first, then pbar, then the
+    group's mean score (two stable sorts); bool [S, Hk, n_max]."""
+    S, Hk, n_max = pbar.shape
+    group_score = torch.where(valid[:, None, :], z, torch.zeros_like(z))
+    group_score = group_score.view(S, Hk, -1, n_max).mean(2)
+    order = torch.sort(group_score, dim=-1, descending=True, stable=True).indices
+    primary = (forced.float() * 2.0 + pbar).masked_fill(~selected, -1.0)
+    order = order.gather(-1, torch.sort(primary.gather(-1, order), dim=-1,
+                                        descending=True, stable=True).indices)
+    return torch.zeros_like(selected).scatter_(-1, order[..., :max_blocks], True)
+
+
 # --------------------------------------------------------------------------------------
 # stage 2: softmax over the selected tokens with the log-prior
 # --------------------------------------------------------------------------------------
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection,
-                     *, prior_weight: float = 1.0, scale: Optional[float] = None) -> torch.Tensor:
+                     *, params: DashParams, scale: Optional[float] = None) -> torch.Tensor:
     """Stage 2 on a contiguous cache: q [S, Hq, D], k/v [S, Hk, L_max, D] -> [S, Hq, D]
-    (q's dtype; computed in fp32)."""
-    validate_dash_args(block_size=selection.block_size, prior_weight=prior_weight, scale=scale)
+    (q's dtype; computed in fp32). Of ``params`` only prior_weight is used here."""
+    _check_args(params, selection.block_size, scale)
+    prior_weight = params.prior_weight
     S, Hq, D = q.shape
     Hk, L = k.shape[1], k.shape[2]
-    G = _check_heads(Hq, Hk)
+    G = check_heads(Hq, Hk)
     B = selection.block_size
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     n_max = selection.selected.shape[-1]
@@ -504,7 +475,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selectio
     present = pos[None, :] < selection.seq_lens[:, None]                     # [S, L]
     tok_sel = selection.selected[:, :, blk] & present[:, None, :]            # [S, Hk, L]
     tok_prior = selection.prior[:, :, blk]
-    log_prior = torch.where(tok_sel, tok_prior.clamp_min(torch.finfo(torch.float32).tiny).log(),
+    log_prior = torch.where(tok_sel, tok_prior.clamp_min(TINY).log(),
                             torch.zeros_like(tok_prior))
     # unselected / absent slots are zeroed (not multiplied: they may hold NaN)
     kf = torch.where(tok_sel[..., None], k.float(), 0.0).repeat_interleave(G, dim=1)
@@ -531,70 +502,41 @@ def _info(sel: Selection, block_table: Optional[torch.Tensor] = None) -> dict:
     }
 
 
-def dash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int,
-                   alpha: float = 1.5, score_scale: float = 1.0, prior_weight: float = 1.0,
-                   sink_blocks: int = 0, local_blocks: int = 0,
-                   max_blocks: Optional[int] = None, min_blocks: int = 0,
-                   dense_below: int = 0, score_norm: str = "none", prior_norm: str = "none",
-                   selector: str = "entmax",
-                   scale: Optional[float] = None, seq_lens=None, lengths=None):
+def dash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, params: DashParams,
+                   block_size: int, scale: Optional[float] = None, seq_lens=None):
     """One DASH decode step on a contiguous cache.
 
-    q [S, Hq, D]; k, v [S, Hk, L_max, D]; ``seq_lens`` (alias ``lengths``) [S] per-sequence
-    context lengths (default: all L_max). Returns ``(out [S, Hq, D], info)``; info holds the
+    q [S, Hq, D]; k, v [S, Hk, L_max, D]; ``seq_lens`` [S] per-sequence context lengths
+    (default: all L_max). Returns ``(out [S, Hq, D], info)``; info holds the
     :class:`Selection` and, per (sequence, KV head), ``block_ids`` (logical, ascending, -1
     padded), ``counts``, ``selected_tokens`` and ``density`` (selected tokens / context).
     """
-    if lengths is not None:
-        if seq_lens is not None:
-            raise ValueError("pass seq_lens or its alias lengths, not both")
-        seq_lens = lengths
-    validate_dash_args(block_size=block_size, alpha=alpha, score_scale=score_scale,
-                       prior_weight=prior_weight, sink_blocks=sink_blocks,
-                       local_blocks=local_blocks, max_blocks=max_blocks,
-                       min_blocks=min_blocks, dense_below=dense_below,
-                       score_norm=score_norm, prior_norm=prior_norm, scale=scale,
-                       selector=selector)
+    _check_args(params, block_size, scale)
     _check_shapes(q, k, v)
     lens = _seq_lens_tensor(seq_lens, q.shape[0], k.shape[2], q.device)
     kbar = block_summaries(k, block_size, lens)
-    sel = select_blocks(q, kbar, lens, block_size=block_size, alpha=alpha,
-                        score_scale=score_scale, sink_blocks=sink_blocks,
-                        local_blocks=local_blocks, max_blocks=max_blocks,
-                        min_blocks=min_blocks, dense_below=dense_below,
-                        score_norm=score_norm, prior_norm=prior_norm, scale=scale,
-                       selector=selector)
-    out = sparse_attention(q, k, v, sel, prior_weight=prior_weight, scale=scale)
+    sel = select_blocks(q, kbar, lens, params=params, block_size=block_size, scale=scale)
+    out = sparse_attention(q, k, v, sel, params=params, scale=scale)
     return out, _info(sel)
 
 
 def dash_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                         block_table: torch.Tensor, seq_lens, *, block_size: Optional[int] = None,
-                         summaries: Optional[torch.Tensor] = None, alpha: float = 1.5,
-                         score_scale: float = 1.0, prior_weight: float = 1.0,
-                         sink_blocks: int = 0, local_blocks: int = 0,
-                         max_blocks: Optional[int] = None, min_blocks: int = 0,
-                         dense_below: int = 0, score_norm: str = "none",
-                         selector: str = "entmax",
-                         prior_norm: str = "none", scale: Optional[float] = None):
+                         block_table: torch.Tensor, seq_lens, *, params: DashParams,
+                         summaries: Optional[torch.Tensor] = None,
+                         scale: Optional[float] = None, block_size: Optional[int] = None):
     """One DASH decode step on vLLM's paged layout.
 
     q [S, Hq, D]; key_cache/value_cache [num_blocks, B, Hk, D]; block_table [S, max_blocks]
     (physical ids; entries past a sequence's blocks are ignored); seq_lens [S].
     ``summaries`` [num_blocks, Hk, D] are the maintained block summaries (computed from the
     cache when omitted). Same result and info as :func:`dash_attention`, with
-    ``block_ids`` physical.
+    ``block_ids`` physical. ``block_size``, when given, must match the cache's.
     """
     B = key_cache.shape[1]
     if block_size is not None and block_size != B:
         raise ValueError(f"block_size ({block_size}) does not match the cache's block "
                          f"dimension ({B})")
-    validate_dash_args(block_size=B, alpha=alpha, score_scale=score_scale,
-                       prior_weight=prior_weight, sink_blocks=sink_blocks,
-                       local_blocks=local_blocks, max_blocks=max_blocks,
-                       min_blocks=min_blocks, dense_below=dense_below,
-                       score_norm=score_norm, prior_norm=prior_norm, scale=scale,
-                       selector=selector)
+    _check_args(params, B, scale)
     if key_cache.shape != value_cache.shape:
         raise ValueError(f"value_cache shape {tuple(value_cache.shape)} differs from "
                          f"key_cache shape {tuple(key_cache.shape)}")
@@ -604,7 +546,7 @@ def dash_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
         raise ValueError(f"block_table must be [num_seqs={q.shape[0]}, max_blocks], got "
                          f"{tuple(block_table.shape)}")
-    _check_heads(q.shape[1], key_cache.shape[2])
+    check_heads(q.shape[1], key_cache.shape[2])
     lens = _seq_lens_tensor(seq_lens, q.shape[0], block_table.shape[1] * B, q.device)
     if summaries is None:
         summaries = block_summaries_paged(key_cache, block_table, lens)
@@ -613,12 +555,8 @@ def dash_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     n_max = k.shape[2] // B
     ids = block_table[:, :n_max].long().clamp(0, summaries.shape[0] - 1)
     kbar = summaries[ids].permute(0, 2, 1, 3)                # [S, Hk, n_max, D]
-    sel = select_blocks(q, kbar, lens, block_size=B, alpha=alpha, score_scale=score_scale,
-                        sink_blocks=sink_blocks, local_blocks=local_blocks,
-                        max_blocks=max_blocks, min_blocks=min_blocks,
-                        dense_below=dense_below, score_norm=score_norm,
-                        prior_norm=prior_norm, scale=scale, selector=selector)
-    out = sparse_attention(q, k, v, sel, prior_weight=prior_weight, scale=scale)
+    sel = select_blocks(q, kbar, lens, params=params, block_size=B, scale=scale)
+    out = sparse_attention(q, k, v, sel, params=params, scale=scale)
     return out, _info(sel, block_table)
 
 
@@ -631,4 +569,106 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2]:
         raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} "
                          f"(num_seqs and D must agree)")
-    _check_heads(q.shape[1], k.shape[1])
+    check_heads(q.shape[1], k.shape[1])
+
+
+# --------------------------------------------------------------------------------------
+# twins of the Triton entry points: same names and keyword arguments (outputs returned
+# where the kernel writes preallocated buffers); every kernel test compares against them
+# --------------------------------------------------------------------------------------
+def write_kv_and_summaries(*, key: torch.Tensor, value: torch.Tensor,
+                           key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           summaries: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Twin of :func:`summaries.write_kv_and_summaries` (same arguments and effect): write
+    K/V, then set each touched block's summary to the mean of its slots [0, fill)."""
+    check_write(key, value, key_cache, value_cache, summaries, slot_mapping)
+    B = key_cache.shape[1]
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    slots = slots[keep]
+    if slots.numel() == 0:
+        return
+    blocks, offsets = slots // B, slots % B
+    key_cache[blocks, offsets] = key[keep].to(key_cache.dtype)
+    value_cache[blocks, offsets] = value[keep].to(value_cache.dtype)
+    touched = torch.unique(blocks)
+    fill = torch.zeros(key_cache.shape[0], dtype=torch.long, device=key.device)
+    fill.scatter_reduce_(0, blocks, offsets + 1, reduce="amax")
+    fill = fill[touched]                                           # [n_touched]
+    present = torch.arange(B, device=key.device)[None, :] < fill[:, None]
+    sums = (key_cache[touched].float() * present[:, :, None, None]).sum(1)
+    summaries[touched] = sums / fill.float()[:, None, None]
+
+
+def selection_to_compact(sel: Selection, block_table: torch.Tensor):
+    """A :class:`Selection` -> the selection kernel's compacted format.
+
+    Returns ``(block_ids int32 [S, Hk, n_max], log_prior fp32 [S, Hk, n_max],
+    counts int32 [S, Hk])``: physical ids of the selected blocks in ascending logical order,
+    log(pi) of each, and the count; entries past the count are -1 / 0.
+    """
+    n_max = sel.selected.shape[-1]
+    logical = torch.arange(n_max, device=sel.selected.device).expand_as(sel.selected)
+    order = torch.where(sel.selected, logical, n_max + logical).argsort(-1)
+    sel_sorted = sel.selected.gather(-1, order)
+    phys = block_table[:, :n_max].long()[:, None, :].expand_as(sel.selected).gather(-1, order)
+    prior = sel.prior.gather(-1, order)
+    ids = torch.where(sel_sorted, phys, torch.full_like(phys, -1)).to(torch.int32)
+    logp = torch.where(sel_sorted, prior.clamp_min(TINY).log(), torch.zeros_like(prior))
+    return ids, logp.float(), sel.counts.to(torch.int32)
+
+
+def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table: torch.Tensor,
+                        seq_lens: torch.Tensor, params: DashParams, block_size: int,
+                        scale: Optional[float] = None):
+    """Twin of :func:`select.select_blocks_paged`: gather the sequences' summaries through
+    the block table, run :func:`select_blocks`, compact. Returns
+    ``(block_ids, log_prior, counts, selection)`` (see :func:`selection_to_compact`)."""
+    S = check_select(q, summaries, block_table, seq_lens)[0]
+    lens = seq_lens[:S].long()
+    n_max = int(((lens.max() + block_size - 1) // block_size).item()) if S else 0
+    ids = block_table[:S, :n_max].long().clamp(0, summaries.shape[0] - 1)
+    kbar = summaries[ids].permute(0, 2, 1, 3)                  # [S, Hk, n_max, D]
+    sel = select_blocks(q, kbar, lens, params=params, block_size=block_size, scale=scale)
+    return (*selection_to_compact(sel, block_table[:S]), sel)
+
+
+def sparse_decode(*, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                  block_ids: torch.Tensor, log_prior: torch.Tensor, counts: torch.Tensor,
+                  seq_lens: torch.Tensor, out: torch.Tensor, params: DashParams,
+                  block_size: int, scale: Optional[float] = None, **_launch) -> torch.Tensor:
+    """Twin of :func:`decode.sparse_decode` (same arguments and result; the launch settings
+    num_splits/workspace/num_warps/num_stages are accepted and ignored): gather the listed
+    blocks of each (sequence, KV head), drop the current block's unwritten slots, and run
+    plain softmax attention in fp32. Host-syncing; for tests and the CPU path only."""
+    _check_args(params, block_size, scale)
+    S, Hq, D, B, Hk = check_decode(q, key_cache, value_cache, block_ids, log_prior, counts,
+                                   seq_lens, out, block_size)
+    G = Hq // Hk
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    prior_weight = params.prior_weight
+    cnt = counts[:S].long().clamp(max=block_ids.shape[2]).cpu()
+    lens = seq_lens[:S].long().cpu()
+    for s in range(S):
+        L = int(lens[s])
+        last_fill = L - (-(-L // B) - 1) * B
+        for h in range(Hk):
+            n = int(cnt[s, h])
+            qh = q[s, h * G:(h + 1) * G].float()                       # [G, D]
+            if n == 0:
+                out[s, h * G:(h + 1) * G] = 0
+                continue
+            ids = block_ids[s, h, :n].long()
+            k = key_cache[ids, :, h, :].float().reshape(n * B, D)       # [n*B, D]
+            v = value_cache[ids, :, h, :].float().reshape(n * B, D)
+            keep = torch.ones(n, B, dtype=torch.bool, device=q.device)
+            keep[n - 1, last_fill:] = False
+            keep = keep.reshape(-1)
+            k, v = k[keep], v[keep]
+            tok_lp = log_prior[s, h, :n].float().repeat_interleave(B)[keep]
+            logits = scale * (qh @ k.T)
+            if prior_weight != 0.0:
+                logits = logits + prior_weight * tok_lp[None, :]
+            a = torch.softmax(logits, dim=-1)
+            out[s, h * G:(h + 1) * G] = (a @ v).to(out.dtype)
+    return out

@@ -4,7 +4,7 @@
 compacted list of PHYSICAL block ids in ascending LOGICAL order (so the current, partial
 block is the entry at ``count - 1``), the log-prior ``log(pi_c)`` of each listed block and
 the count. The semantics are exactly :func:`reference.select_blocks` (the spec); the torch
-twin :func:`select_blocks_paged_torch` runs the reference and converts its ``Selection``
+twin :func:`reference.select_blocks_paged` runs the reference and converts its ``Selection``
 into the same compacted format.
 
 Kernels: three launches (K1, K2, K3b; four with K3a when a row does not fit registers)
@@ -65,13 +65,13 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
+from .checks import check_heads, check_output, check_select
+from .params import DashParams
 
 __all__ = [
     "ENTMAX_ITERS",
     "SelectWorkspace",
     "select_blocks_paged",
-    "select_blocks_paged_torch",
-    "selection_to_compact",
 ]
 
 #: Fixed number of Newton passes of the kernel's entmax threshold solve (see module doc).
@@ -642,7 +642,7 @@ class SelectWorkspace:
 
     def __init__(self, max_num_seqs: int, num_q_heads: int, num_kv_heads: int,
                  max_blocks_per_seq: int, device=None):
-        ref._check_heads(num_q_heads, num_kv_heads)
+        check_heads(num_q_heads, num_kv_heads)
         self.max_num_seqs = int(max_num_seqs)
         self.num_q_heads = int(num_q_heads)
         self.num_kv_heads = int(num_kv_heads)
@@ -686,23 +686,11 @@ def _pow_mode(alpha: float) -> int:
     return 0
 
 
-def _check_outputs(name, t, dtype, S, Hk, nmax):
-    if t.dtype != dtype or t.dim() < 2 or t.shape[0] < S or t.shape[1] != Hk or \
-            (nmax is not None and (t.dim() != 3 or t.shape[2] < nmax)) or \
-            (nmax is None and t.dim() != 2):
-        want = f"[>={S}, {Hk}" + (f", >={nmax}]" if nmax is not None else "]")
-        raise ValueError(f"{name} must be {dtype} {want}, got {t.dtype} {tuple(t.shape)}")
-
-
 def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table: torch.Tensor,
                         seq_lens: torch.Tensor, out_block_ids: torch.Tensor,
                         out_log_prior: torch.Tensor, out_counts: torch.Tensor,
-                        block_size: int, alpha: float = 1.5, score_scale: float = 1.0,
-                        sink_blocks: int = 0, local_blocks: int = 0,
-                        max_blocks: Optional[int] = None, min_blocks: int = 0,
-                        dense_below: int = 0, score_norm: str = "none",
-                        prior_norm: str = "none", scale: Optional[float] = None,
-                        selector: str = "entmax", workspace: Optional[SelectWorkspace] = None,
+                        params: DashParams, block_size: int, scale: Optional[float] = None,
+                        workspace: Optional[SelectWorkspace] = None,
                         n_iter: int = ENTMAX_ITERS, tile: Optional[int] = None,
                         out_counts_copy: Optional[torch.Tensor] = None) -> None:
     """Stage 1 on the paged layout: fill the preallocated compacted selection outputs.
@@ -720,40 +708,22 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
     out_counts     int32 [>=S, Hk]
     out_counts_copy  optional int32 [>=S, Hk]: a second destination of the counts, written by
                    the same kernel (the backend's statistics buffer: no extra copy launch)
-    Entries past a row's count are left as they were. Other arguments: as
-    :func:`reference.select_blocks`. ``workspace``: a :class:`SelectWorkspace` that fits
-    (otherwise one is allocated for this call). Three launches with fixed grids (four when
-    the row does not fit registers), no host sync.
+    Entries past a row's count are left as they were. ``params`` (validated when built) and
+    ``scale``: as :func:`reference.select_blocks`. ``workspace``: a :class:`SelectWorkspace`
+    that fits (otherwise one is allocated for this call). Three launches with fixed grids
+    (four when the row does not fit registers), no host sync.
     ``n_iter``: Newton passes of the entmax threshold. ``tile``: None (default) keeps a
     row in registers when ``max_blocks_per_seq <= 8192`` and otherwise loops over tiles;
     an int (a power of two >= 16) forces the tiled loops with that many blocks per tile
     (tests use small tiles to exercise the carries between tiles).
     """
-    ref.validate_dash_args(block_size=block_size, alpha=alpha, score_scale=score_scale,
-                           sink_blocks=sink_blocks, local_blocks=local_blocks,
-                           max_blocks=max_blocks, min_blocks=min_blocks,
-                           dense_below=dense_below, score_norm=score_norm,
-                           prior_norm=prior_norm, scale=scale, selector=selector)
-    if q.dim() != 3:
-        raise ValueError(f"q must be [num_seqs, Hq, D], got {tuple(q.shape)}")
-    S, Hq, D = q.shape
-    if summaries.dim() != 3 or summaries.dtype != torch.float32 or summaries.shape[2] != D:
-        raise ValueError(f"summaries must be fp32 [num_blocks, Hk, D={D}], got "
-                         f"{summaries.dtype} {tuple(summaries.shape)}")
-    Hk = summaries.shape[1]
-    G = ref._check_heads(Hq, Hk)
-    if block_table.dim() != 2 or block_table.shape[0] < S or block_table.dtype.is_floating_point:
-        raise ValueError(f"block_table must be an integer tensor [>={S}, max_blocks], got "
-                         f"{block_table.dtype} {tuple(block_table.shape)}")
-    if seq_lens.dim() != 1 or seq_lens.shape[0] < S or seq_lens.dtype.is_floating_point:
-        raise ValueError(f"seq_lens must be an integer tensor [>={S}], got {seq_lens.dtype} "
-                         f"{tuple(seq_lens.shape)}")
-    nmax = block_table.shape[1]
-    _check_outputs("out_block_ids", out_block_ids, torch.int32, S, Hk, nmax)
-    _check_outputs("out_log_prior", out_log_prior, torch.float32, S, Hk, nmax)
-    _check_outputs("out_counts", out_counts, torch.int32, S, Hk, None)
+    ref._check_args(params, block_size, scale)
+    S, Hq, D, Hk, G, nmax = check_select(q, summaries, block_table, seq_lens)
+    check_output("out_block_ids", out_block_ids, torch.int32, S, Hk, nmax)
+    check_output("out_log_prior", out_log_prior, torch.float32, S, Hk, nmax)
+    check_output("out_counts", out_counts, torch.int32, S, Hk, None)
     if out_counts_copy is not None:
-        _check_outputs("out_counts_copy", out_counts_copy, torch.int32, S, Hk, None)
+        check_output("out_counts_copy", out_counts_copy, torch.int32, S, Hk, None)
     if not isinstance(n_iter, int) or n_iter < 1:
         raise ValueError(f"n_iter must be a positive integer, got {n_iter!r}")
     if tile is not None and (not isinstance(tile, int) or tile < 16 or tile & (tile - 1)):
@@ -767,7 +737,9 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
             f"does not fit num_seqs={S}, Hq={Hq}, Hk={Hk}, max_blocks_per_seq={nmax}")
     if S == 0:
         return
-    alpha = float(alpha)
+    alpha = float(params.alpha)
+    min_blocks, max_blocks, dense_below = params.min_blocks, params.max_blocks, params.dense_below
+    sink_blocks, local_blocks = params.sink_blocks, params.local_blocks
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     G_P2 = max(2, triton.next_power_of_2(G))
     D_P2 = max(16, triton.next_power_of_2(D))
@@ -794,12 +766,12 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
     _threshold_kernel[(S, Hq)](
         u, p, fl, seq_lens,
         u.stride(0), u.stride(1), p.stride(0), p.stride(1), fl.stride(0), fl.stride(1),
-        float(score_scale), alpha - 1.0, 1.0 / (alpha - 1.0), block_size, min_blocks,
+        float(params.score_scale), alpha - 1.0, 1.0 / (alpha - 1.0), block_size, min_blocks,
         dense_below,
-        N_ITER=n_iter, POW_MODE=_pow_mode(alpha), STANDARDIZE=score_norm == "standardize",
+        N_ITER=n_iter, POW_MODE=_pow_mode(alpha), STANDARDIZE=params.score_norm == "standardize",
         HAS_MIN=min_blocks > 0, RESIDENT=resident, BLOCK=row_block, BISECT=_BISECT_STEPS,
         RADIX=_RADIX_BITS,
-        STD_EPS=ref.STD_EPS, TINY=_TINY, ENTMAX=selector == "entmax", num_warps=row_warps,
+        STD_EPS=ref.STD_EPS, TINY=_TINY, ENTMAX=params.selector == "entmax", num_warps=row_warps,
     )
     if not resident:
         _group_kernel[(S, Hk, triton.cdiv(nmax, chunk3))](
@@ -818,45 +790,8 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
         u.stride(0), u.stride(1), p.stride(0), p.stride(1), fl.stride(0), fl.stride(1),
         block_size, 0 if max_blocks is None else max_blocks, dense_below, sink_blocks,
         local_blocks,
-        RESIDENT=resident, BLOCK=row_block, PRIOR_MAX=prior_norm == "max",
+        RESIDENT=resident, BLOCK=row_block, PRIOR_MAX=params.prior_norm == "max",
         HAS_CAP=max_blocks is not None, BISECT=_BISECT_STEPS, RADIX=_RADIX_BITS, TINY=_TINY,
         G=G, HAS_MIN=min_blocks > 0, COPY_COUNTS=out_counts_copy is not None,
         num_warps=row_warps,
     )
-
-
-# --------------------------------------------------------------------------------------
-# torch twin
-# --------------------------------------------------------------------------------------
-def selection_to_compact(sel: "ref.Selection", block_table: torch.Tensor):
-    """reference.Selection -> the kernel's compacted format.
-
-    Returns ``(block_ids int32 [S, Hk, n_max], log_prior fp32 [S, Hk, n_max],
-    counts int32 [S, Hk])``: physical ids of the selected blocks in ascending logical order,
-    log(pi) of each, and the count; entries past the count are -1 / 0.
-    """
-    n_max = sel.selected.shape[-1]
-    logical = torch.arange(n_max, device=sel.selected.device).expand_as(sel.selected)
-    order = torch.where(sel.selected, logical, n_max + logical).argsort(-1)
-    sel_sorted = sel.selected.gather(-1, order)
-    phys = block_table[:, :n_max].long()[:, None, :].expand_as(sel.selected).gather(-1, order)
-    prior = sel.prior.gather(-1, order)
-    ids = torch.where(sel_sorted, phys, torch.full_like(phys, -1)).to(torch.int32)
-    logp = torch.where(sel_sorted, prior.clamp_min(_TINY).log(), torch.zeros_like(prior))
-    return ids, logp.float(), sel.counts.to(torch.int32)
-
-
-def select_blocks_paged_torch(*, q: torch.Tensor, summaries: torch.Tensor,
-                              block_table: torch.Tensor, seq_lens: torch.Tensor,
-                              block_size: int, **kwargs):
-    """Readable twin of :func:`select_blocks_paged`: gather the sequences' summaries through
-    the block table, run :func:`reference.select_blocks`, compact. Returns
-    ``(block_ids, log_prior, counts, selection)`` (see :func:`selection_to_compact`)."""
-    S = q.shape[0]
-    lens = seq_lens[:S].long()
-    n_max = int(((lens.max() + block_size - 1) // block_size).item()) if S else 0
-    ids = block_table[:S, :n_max].long().clamp(0, summaries.shape[0] - 1)
-    kbar = summaries[ids].permute(0, 2, 1, 3)                  # [S, Hk, n_max, D]
-    sel = ref.select_blocks(q, kbar, lens, block_size=block_size, **kwargs)
-    bids, logp, counts = selection_to_compact(sel, block_table[:S])
-    return bids, logp, counts, sel

@@ -32,7 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["write_kv_and_summaries", "write_kv_and_summaries_torch"]
+from .checks import check_write
+
+__all__ = ["write_kv_and_summaries"]
 
 
 @triton.jit
@@ -90,29 +92,6 @@ def _write_kv_and_summaries_kernel(
             tl.store(sum_ptr + blk * stride_sb + h * stride_sh + d * stride_sd, mean, mask=dmask)
 
 
-def _check(key, value, key_cache, value_cache, summaries, slot_mapping):
-    if key.dim() != 3 or value.shape != key.shape:
-        raise ValueError(f"key and value must both be [T, Hk, D], got key {tuple(key.shape)}, "
-                         f"value {tuple(value.shape)}")
-    if key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
-        raise ValueError(f"key_cache and value_cache must both be [num_blocks, B, Hk, D], got "
-                         f"{tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
-    nb, B, Hk, D = key_cache.shape
-    if key.shape[1:] != (Hk, D):
-        raise ValueError(f"key {tuple(key.shape)} does not match the cache's heads/dim "
-                         f"({Hk}, {D})")
-    if B < 1 or B & (B - 1):
-        raise ValueError(f"block size must be a power of two, got {B}")
-    if summaries.dtype != torch.float32 or summaries.dim() != 3 or \
-            summaries.shape[1:] != (Hk, D) or summaries.shape[0] < nb:
-        raise ValueError(f"summaries must be fp32 [num_blocks>={nb}, {Hk}, {D}], got "
-                         f"{summaries.dtype} {tuple(summaries.shape)}")
-    if slot_mapping.dim() != 1 or slot_mapping.shape[0] != key.shape[0] or \
-            slot_mapping.dtype.is_floating_point:
-        raise ValueError(f"slot_mapping must be an integer tensor [T={key.shape[0]}], got "
-                         f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}")
-
-
 def write_kv_and_summaries(*, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                            value_cache: torch.Tensor, summaries: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
@@ -127,7 +106,7 @@ def write_kv_and_summaries(*, key: torch.Tensor, value: torch.Tensor, key_cache:
 
     One launch, grid (T, Hk); no host sync, no allocation (CUDA-graph capturable).
     """
-    _check(key, value, key_cache, value_cache, summaries, slot_mapping)
+    check_write(key, value, key_cache, value_cache, summaries, slot_mapping)
     T = key.shape[0]
     if T == 0:
         return
@@ -141,27 +120,3 @@ def write_kv_and_summaries(*, key: torch.Tensor, value: torch.Tensor, key_cache:
         BLOCK_SIZE=B, D=D, D_P2=triton.next_power_of_2(D),
         num_warps=4 if B * D >= 4096 else 2,
     )
-
-
-def write_kv_and_summaries_torch(*, key: torch.Tensor, value: torch.Tensor,
-                                 key_cache: torch.Tensor, value_cache: torch.Tensor,
-                                 summaries: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Readable torch twin of :func:`write_kv_and_summaries` (same arguments and effect):
-    write K/V, then set each touched block's summary to the mean of its slots [0, fill)."""
-    _check(key, value, key_cache, value_cache, summaries, slot_mapping)
-    B = key_cache.shape[1]
-    slots = slot_mapping.long()
-    keep = slots >= 0
-    slots = slots[keep]
-    if slots.numel() == 0:
-        return
-    blocks, offsets = slots // B, slots % B
-    key_cache[blocks, offsets] = key[keep].to(key_cache.dtype)
-    value_cache[blocks, offsets] = value[keep].to(value_cache.dtype)
-    touched = torch.unique(blocks)
-    fill = torch.zeros(key_cache.shape[0], dtype=torch.long, device=key.device)
-    fill.scatter_reduce_(0, blocks, offsets + 1, reduce="amax")
-    fill = fill[touched]                                           # [n_touched]
-    present = torch.arange(B, device=key.device)[None, :] < fill[:, None]
-    sums = (key_cache[touched].float() * present[:, :, None, None]).sum(1)
-    summaries[touched] = sums / fill.float()[:, None, None]

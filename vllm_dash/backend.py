@@ -5,11 +5,12 @@ from prefills; capacity buffers (compacted selections, select scratch, split-KV 
 live in the builder, allocated once. Per layer (impl): decode tokens go to the DASH kernels
 (select -> sparse split-KV decode; on CPU the torch reference); prefill and mixed-batch
 tokens to dense causal attention (vLLM's FlashAttention / Triton kernels on GPU, torch SDPA
-on CPU). K/V writes also refresh the block summaries, kept in each KV page's padding
-(see compat.py).
+on CPU). K/V writes also refresh the block summaries, kept in each KV page's padding.
 
-KV cache layout: (num_blocks, 2, Hk, B, D), head-major per block, K then V; the block
-stride is the padded page size. Kernels see K and V as [num_blocks, B, Hk, D] strided views.
+KV cache layout (layout.py): (num_blocks, 2, Hk, B, D), head-major per block, K then V, the
+fp32 summaries in the page padding; kernels see K and V as [num_blocks, B, Hk, D] views.
+The DASH settings are parsed once per process (config.engine_config); each layer's Impl
+keeps its layer's DashParams.
 """
 from __future__ import annotations
 
@@ -24,18 +25,18 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
 
 from vllm.logger import init_logger
 
-from vllm_dash import compat
-from vllm_dash.config import SUPPORTED_BLOCK_SIZES, DashConfig
-from vllm_dash.kernels import reference
+from vllm_dash import compat, layout
+from vllm_dash.config import DashConfig, engine_config
+from vllm_dash.kernels.checks import check_heads
+from vllm_dash.kernels.params import DashParams
 from vllm_dash.stats import STATS
 
 logger = init_logger("vllm.vllm_dash")  # under "vllm" so vLLM's log config shows it
-HEAD_SIZES = [32, 64, 80, 96, 112, 128, 160, 192, 256]
 
 
 class DashAttentionBackend(AttentionBackend):
-    IS_DASH = True
-    DEFAULT_BLOCK_SIZE = 64
+    IS_DASH = True                   # compat's page padding checks this attribute
+    DEFAULT_BLOCK_SIZE = layout.DEFAULT_BLOCK_SIZE
     forward_includes_kv_cache_update = False
     supported_dtypes: ClassVar[list] = [torch.float16, torch.bfloat16, torch.float32]
     supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
@@ -55,15 +56,15 @@ class DashAttentionBackend(AttentionBackend):
     @staticmethod
     def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
                            head_size: int, cache_dtype_str: str = "auto") -> tuple:
-        return (num_blocks, 2, num_kv_heads, block_size, head_size)
+        return layout.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size)
 
     @staticmethod
     def get_supported_kernel_block_sizes() -> list:
-        return list(SUPPORTED_BLOCK_SIZES)
+        return list(layout.SUPPORTED_BLOCK_SIZES)
 
     @classmethod
     def supports_block_size(cls, block_size) -> bool:
-        return block_size is None or block_size in SUPPORTED_BLOCK_SIZES
+        return block_size is None or block_size in layout.SUPPORTED_BLOCK_SIZES
 
     @classmethod
     def get_preferred_block_size(cls, default_block_size: int) -> int:
@@ -71,7 +72,7 @@ class DashAttentionBackend(AttentionBackend):
 
     @classmethod
     def get_supported_head_sizes(cls) -> list:
-        return HEAD_SIZES
+        return list(layout.HEAD_SIZES)
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
@@ -143,7 +144,7 @@ class DashMetadataBuilder(AttentionMetadataBuilder[DashMetadata]):
         self.buffers = DashBuffers(max_num_seqs=max_num_seqs, num_heads=self.num_heads,
                                    num_kv_heads=self.num_kv_heads, head_size=self.head_size,
                                    max_blocks=max_blocks, device=torch.device(device))
-        config = DashConfig.from_additional_config(vllm_config.additional_config)
+        config = engine_config(vllm_config.additional_config)
         config.check_num_layers(len(layer_names))
         self.stats_interval = config.stats_interval
         self._step = 0
@@ -213,17 +214,30 @@ class DashAttentionImpl(AttentionImpl):
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.attn_type = attn_type
-        reference._check_heads(num_heads, self.num_kv_heads)
+        check_heads(num_heads, self.num_kv_heads)
         vllm_config = compat.current_vllm_config()
-        self.config = DashConfig.from_additional_config(
-            getattr(vllm_config, "additional_config", None))
+        self.config = engine_config(getattr(vllm_config, "additional_config", None))
+        self._layer_idx: Optional[int] = None      # known at the first forward
+        self._params: Optional[DashParams] = None
         self._fa = None
+
+    def set_config(self, config: DashConfig) -> None:
+        """Replace this layer's DASH settings (the accuracy harness switches settings in one
+        eager engine: eval/ calls this through set_runtime_config)."""
+        self.config = config
+        self._params = None
+
+    def _layer(self, layer: AttentionLayer) -> tuple:
+        """(layer index, DashParams) of this layer, computed once."""
+        if self._params is None:
+            self._layer_idx = compat.layer_index(layer.layer_name)
+            self._params = self.config.params_for_layer(self._layer_idx)
+        return self._layer_idx, self._params
 
     # ----------------------------------------------------------------- cache views
     def _views(self, kv_cache: torch.Tensor):
-        key_cache = kv_cache[:, 0].transpose(1, 2)       # [nb, B, Hk, D] (head-major storage)
-        value_cache = kv_cache[:, 1].transpose(1, 2)
-        summaries = compat.summary_view(kv_cache, self.num_kv_heads, self.head_size)
+        key_cache, value_cache = layout.kv_views(kv_cache)   # [nb, B, Hk, D] views
+        summaries = layout.summary_view(kv_cache, self.num_kv_heads, self.head_size)
         return key_cache, value_cache, summaries
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -248,29 +262,29 @@ class DashAttentionImpl(AttentionImpl):
             return output
         md: DashMetadata = attn_metadata
         key_cache, value_cache, summaries = self._views(kv_cache)
-        layer_idx = compat.layer_index(layer.layer_name)
+        layer_idx, params = self._layer(layer)
         nd = md.num_decode_tokens
         if md.num_decodes:
             if kv_cache.is_cuda:
                 self._decode_gpu(md, query[:nd], key_cache, value_cache, summaries,
-                                 output[:nd], layer_idx)
+                                 output[:nd], layer_idx, params)
             else:
                 from vllm_dash import cpu
-                info = cpu.decode(self, md, query[:nd], key_cache, value_cache, summaries,
-                                  output[:nd], layer_idx)
+                counts = cpu.decode(md, query[:nd], key_cache, value_cache, summaries,
+                                    output[:nd], params=params, scale=self.scale)
                 if self.config.stats_interval:
-                    STATS.record(layer_idx, info["counts"].to(torch.int32),
+                    STATS.record(layer_idx, counts.to(torch.int32),
                                  md.seq_lens[:md.num_decodes])
         if md.num_prefills:
             if kv_cache.is_cuda:
                 self._prefill_gpu(md, query, key_cache, value_cache, output)
             else:
                 from vllm_dash import cpu
-                cpu.prefill(self, md, query, key_cache, value_cache, output)
+                cpu.prefill(md, query, key_cache, value_cache, output, scale=self.scale)
         return output
 
     def _decode_gpu(self, md: DashMetadata, q, key_cache, value_cache, summaries, out,
-                    layer_idx: int) -> None:
+                    layer_idx: int, params: DashParams) -> None:
         from vllm_dash.kernels.decode import sparse_decode
         from vllm_dash.kernels.select import select_blocks_paged
         b = md.buffers
@@ -282,15 +296,13 @@ class DashAttentionImpl(AttentionImpl):
         stats_counts = STATS.counts_out(layer_idx) if self.config.stats_interval else None
         select_blocks_paged(q=q, summaries=summaries, block_table=block_table,
                             seq_lens=seq_lens, out_block_ids=b.block_ids,
-                            out_log_prior=b.log_prior, out_counts=b.counts,
+                            out_log_prior=b.log_prior, out_counts=b.counts, params=params,
                             block_size=key_cache.shape[1], scale=self.scale,
-                            workspace=b.select_ws, out_counts_copy=stats_counts,
-                            **self.config.kernel_kwargs(layer_idx))
+                            workspace=b.select_ws, out_counts_copy=stats_counts)
         sparse_decode(q=q, key_cache=key_cache, value_cache=value_cache, block_ids=b.block_ids,
                       log_prior=b.log_prior, counts=b.counts, seq_lens=seq_lens, out=out,
-                      block_size=key_cache.shape[1], scale=self.scale,
-                      prior_weight=float(self.config.prior_weight), num_splits=md.num_splits,
-                      workspace=b.decode_ws)
+                      params=params, block_size=key_cache.shape[1], scale=self.scale,
+                      num_splits=md.num_splits, workspace=b.decode_ws)
         if stats_counts is not None:
             STATS.record_lens(layer_idx, seq_lens)
 
@@ -313,22 +325,3 @@ class DashAttentionImpl(AttentionImpl):
                 max_seqlen_k=md.max_seq_len, softmax_scale=self.scale, causal=True,
                 window_size=(-1, -1), block_table=md.block_table[nr:], softcap=0,
                 q_descale=None, k_descale=None, v_descale=None)
-
-
-def set_runtime_config(model: torch.nn.Module, dash: Optional[dict]) -> int:
-    """Replace the DASH config of every DASH attention layer of ``model`` (a worker's model,
-    e.g. through ``LLM.apply_model``); returns the number of layers changed.
-
-    For evaluations that compare settings in one engine: the new config is validated like
-    --additional-config; the memory-relevant engine settings (block size, capacities) do not
-    change. Only for eager engines (enforce_eager=True): decode steps replayed from CUDA
-    graphs keep the settings they were captured with.
-    """
-    cfg = DashConfig.from_mapping(dash)
-    impls = [m.impl for m in model.modules()
-             if isinstance(getattr(m, "impl", None), DashAttentionImpl)]
-    cfg.check_num_layers(len(impls))
-    for impl in impls:
-        impl.config = cfg
-    return len(impls)
-

@@ -12,11 +12,12 @@ What vLLM 0.26 lacks, and the shims that add it:
    where vLLM otherwise forces 128 when the user gave none.
 3. Block summaries inside the KV budget: 0.26 has no ``customize_spec``. When the layer's
    backend is DASH, :func:`install_summary_pages` pads each KV page (``page_size_padded``)
-   by Hk * D fp32 numbers, so vLLM's memory planner counts the summaries like any other KV
-   byte and allocates them with the cache; the backend reads them from that padding
-   (``summary_view``). A summary then lives in the same physical page as its block: valid
-   under prefix caching, recycled with the block.
-Without an explicit CUSTOM selection nothing here changes vLLM's behaviour.
+   by ``layout.summary_page_bytes`` (Hk * D fp32 numbers), so vLLM's memory planner counts
+   the summaries like any other KV byte and allocates them with the cache; the backend
+   reads them from that padding (``layout.summary_view``; the page layout itself is a DASH
+   fact and lives in layout.py).
+Without an explicit CUSTOM selection nothing here changes vLLM's behaviour. This module
+imports layout.py, never backend.py (the backend imports this module).
 """
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ import logging
 
 import torch
 
+from vllm_dash import layout
+
 logger = logging.getLogger("vllm_dash")
 
 SUPPORTED_VLLM = ("0.26.",)
 BACKEND_PATH = "vllm_dash.backend.DashAttentionBackend"
-SUMMARY_DTYPE = torch.float32
 
 
 def vllm_version() -> str:
@@ -96,8 +98,7 @@ def install_cpu_shim() -> None:
         user_block = cache.user_specified_block_size
         orig_check(cls, vllm_config)
         if dash and not user_block:
-            from vllm_dash.backend import DashAttentionBackend
-            cache.block_size = DashAttentionBackend.DEFAULT_BLOCK_SIZE
+            cache.block_size = layout.DEFAULT_BLOCK_SIZE
 
     Cpu.get_attn_backend_cls = classmethod(get_attn_backend_cls)
     Cpu.check_and_update_config = classmethod(check_and_update_config)
@@ -105,10 +106,6 @@ def install_cpu_shim() -> None:
 
 
 # ------------------------------------------------------------------------- summary pages
-def summary_page_bytes(num_kv_heads: int, head_size: int) -> int:
-    return num_kv_heads * head_size * SUMMARY_DTYPE.itemsize
-
-
 def install_summary_pages() -> None:
     from vllm.model_executor.layers.attention import attention as attn_mod
     Attention = attn_mod.Attention
@@ -124,29 +121,11 @@ def install_summary_pages() -> None:
             return spec
         real = spec.real_page_size_bytes
         return dataclasses.replace(
-            spec, page_size_padded=real + summary_page_bytes(spec.num_kv_heads, spec.head_size))
+            spec, page_size_padded=real + layout.summary_page_bytes(spec.num_kv_heads,
+                                                                    spec.head_size))
 
     Attention.get_kv_cache_spec = get_kv_cache_spec
     Attention._vllm_dash_pages = True
-
-
-def summary_view(kv_cache: torch.Tensor, num_kv_heads: int, head_size: int) -> torch.Tensor:
-    """fp32 [num_blocks, Hk, D] view of the summaries stored in each page's padding.
-
-    ``kv_cache`` is the layer's cache as vLLM hands it to the backend: shape
-    (num_blocks, 2, Hk, B, D) in the cache dtype, block stride = padded page size.
-    """
-    nb, two, hk, b, d = kv_cache.shape
-    page = kv_cache.stride(0)
-    kv_elems = two * hk * b * d
-    ratio = SUMMARY_DTYPE.itemsize // kv_cache.element_size()   # cache elems per fp32
-    if page < kv_elems + hk * d * ratio:
-        raise RuntimeError(
-            "the KV cache pages have no room for DASH block summaries: the DASH page padding "
-            "was not applied (is vllm_dash registered in this process?)")
-    raw = torch.as_strided(kv_cache, size=(nb, hk, d * ratio), stride=(page, d * ratio, 1),
-                           storage_offset=kv_cache.storage_offset() + kv_elems)
-    return raw.view(SUMMARY_DTYPE) if ratio != 1 else raw
 
 
 # ------------------------------------------------------------------------- vLLM pieces

@@ -1,5 +1,12 @@
-"""DashConfig: the DASH settings, parsed once from vLLM's
+"""DashConfig: the DASH settings of a serving process, parsed from vLLM's
 ``--additional-config '{"dash": {...}}'`` and validated at startup.
+
+The method's knobs are those of :class:`vllm_dash.kernels.params.DashParams` (with the
+serving defaults chosen from the accuracy record); DashConfig adds the serving concerns:
+unknown keys, help text, a per-layer score_scale, score_scale_file, stats_interval. It hands
+out one validated DashParams per attention layer (:meth:`DashConfig.params_for_layer`),
+built once. :func:`engine_config` parses a vLLM config's DASH settings once per process (a
+score_scale_file is read once, not once per layer).
 
 Unknown keys and out-of-range values raise ``ValueError`` with the key and its allowed
 values, so a bad setting stops the server before it serves anything. No vLLM import here.
@@ -7,41 +14,45 @@ values, so a bad setting stops the server before it serves anything. No vLLM imp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
-from vllm_dash.kernels.reference import PRIOR_NORMS, SCORE_NORMS, SELECTORS, validate_dash_args
+from vllm_dash.kernels.params import RULES, DashParams
+from vllm_dash.layout import SUPPORTED_BLOCK_SIZES
 
-__all__ = ["DashConfig", "SUPPORTED_BLOCK_SIZES", "config_help"]
+__all__ = ["DashConfig", "SUPPORTED_BLOCK_SIZES", "config_help", "engine_config"]
 
-SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
-
-# key -> (allowed values in words, help). Kept beside the dataclass so that error messages,
-# the README table and CLI help come from one place.
-_DOC = {
-    "alpha": ("a number in (1, 2]", "entmax alpha (1.5: entmax15, 2: sparsemax)"),
-    "score_scale": ("a number >= 0, or a list with one number >= 0 per attention layer",
-                    "sparsity knob: block scores are multiplied by it (0 = every block)"),
-    "score_scale_file": ("a path to a JSON file {\"score_scale\": [one number per "
-                         "attention layer]}",
-                         "per-layer score_scale from a calibration run"),
-    "prior_weight": ("a number in [0, 1]", "weight of log-prior in stage 2 (0 = flat)"),
-    "sink_blocks": ("an integer >= 0", "first blocks of every sequence always attended"),
-    "local_blocks": ("an integer >= 0", "last blocks (incl. the current one) always attended"),
-    "min_blocks": ("an integer >= 0", "per-head floor: that many top-scoring blocks kept"),
-    "max_blocks": ("null or an integer >= sink_blocks + max(local_blocks, 1)",
-                   "hard cap on attended blocks per (sequence, KV head)"),
-    "dense_below": ("an integer >= 0 (tokens)", "shorter sequences attend densely"),
-    "stats_interval": ("an integer >= 0", "sample decode statistics (vllm_dash_* metrics) "
-                       "every that many steps; 0 = off"),
-    "score_norm": (f"one of {list(SCORE_NORMS)}", "standardize scores per head before entmax"),
-    "prior_norm": (f"one of {list(PRIOR_NORMS)}", "normalise the prior by its max"),
-    "selector": (f"one of {list(SELECTORS)}",
-                 "entmax = DASH; topk = baseline: only forced blocks + min_blocks per head"),
+# key -> (allowed values in words, help): one place for error messages, the README table
+# and CLI help. The allowed values of the method's knobs come from DashParams' RULES.
+_HELP = {
+    "alpha": "entmax alpha (1.5: entmax15, 2: sparsemax)",
+    "score_scale": "sparsity knob: block scores are multiplied by it (0 = every block)",
+    "score_scale_file": "per-layer score_scale from a calibration run",
+    "prior_weight": "weight of log-prior in stage 2 (0 = flat)",
+    "sink_blocks": "first blocks of every sequence always attended",
+    "local_blocks": "last blocks (incl. the current one) always attended",
+    "min_blocks": "per-head floor: that many top-scoring blocks kept",
+    "max_blocks": "hard cap on attended blocks per (sequence, KV head)",
+    "dense_below": "shorter sequences attend densely",
+    "stats_interval": "sample decode statistics (vllm_dash_* metrics) every that many steps; "
+                      "0 = off",
+    "score_norm": "standardize scores per head before entmax",
+    "prior_norm": "normalise the prior by its max",
+    "selector": "entmax = DASH; topk = baseline: only forced blocks + min_blocks per head",
 }
+_ALLOWED = {
+    **RULES,
+    "score_scale": RULES["score_scale"] + ", or a list with one such number per attention "
+                   "layer",
+    "score_scale_file": 'a path to a JSON file {"score_scale": [one number per attention '
+                        'layer]}',
+    "stats_interval": "an integer >= 0",
+}
+_DOC = {key: (_ALLOWED[key], text) for key, text in _HELP.items()}
 
 
 @dataclass(frozen=True)
@@ -103,38 +114,23 @@ class DashConfig:
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> None:
+        """The serving keys here; the method's knobs by building the layers' DashParams."""
         def bad(key, value):
-            allowed, _ = _DOC[key]
-            return ValueError(f"DASH config {key}={value!r} is invalid: must be {allowed}")
+            return ValueError(f"DASH config {key}={value!r} is invalid: must be "
+                              f"{_DOC[key][0]}")
 
-        for key in ("sink_blocks", "local_blocks", "min_blocks", "dense_below", "stats_interval"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise bad(key, v)
-        mb = self.max_blocks
-        if mb is not None and (not isinstance(mb, int) or isinstance(mb, bool)
-                               or mb < self.sink_blocks + max(self.local_blocks, 1)):
-            raise bad("max_blocks", mb)
-        for key, values in (("score_norm", SCORE_NORMS), ("prior_norm", PRIOR_NORMS),
-                            ("selector", SELECTORS)):
-            if getattr(self, key) not in values:
-                raise bad(key, getattr(self, key))
-        if not _is_number(self.alpha) or not (1.0 < self.alpha <= 2.0):
-            raise bad("alpha", self.alpha)
-        if not _is_number(self.prior_weight) or not (0.0 <= self.prior_weight <= 1.0):
-            raise bad("prior_weight", self.prior_weight)
+        si = self.stats_interval
+        if not isinstance(si, int) or isinstance(si, bool) or si < 0:
+            raise bad("stats_interval", si)
         scales = self.score_scale if isinstance(self.score_scale, tuple) else (self.score_scale,)
         if not scales or any(not _is_number(s) or not math.isfinite(s) or s < 0 for s in scales):
             raise bad("score_scale", self.score_scale)
         if self.score_scale_file is not None and not isinstance(self.score_scale_file, str):
             raise bad("score_scale_file", self.score_scale_file)
-        # the same rules the kernels enforce (one source of truth)
-        validate_dash_args(block_size=16, alpha=float(self.alpha), score_scale=float(scales[0]),
-                           prior_weight=float(self.prior_weight), sink_blocks=self.sink_blocks,
-                           local_blocks=self.local_blocks, max_blocks=self.max_blocks,
-                           min_blocks=self.min_blocks, dense_below=self.dense_below,
-                           score_norm=self.score_norm, prior_norm=self.prior_norm,
-                           selector=self.selector)
+        try:
+            self._layer_params
+        except ValueError as e:          # DashParams names the key and its allowed values
+            raise ValueError(f"DASH config {e}") from None
 
     def check_num_layers(self, num_layers: int) -> None:
         """A per-layer score_scale must have one entry per attention layer."""
@@ -143,24 +139,30 @@ class DashConfig:
                              f"the model has {num_layers} attention layers")
 
     # ---------------------------------------------------------------- use
-    def layer_score_scale(self, layer_index: int) -> float:
-        if isinstance(self.score_scale, tuple):
-            return float(self.score_scale[layer_index])
-        return float(self.score_scale)
+    @functools.cached_property
+    def _layer_params(self) -> tuple:
+        """One DashParams per score_scale entry (built once per config)."""
+        scales = self.score_scale if isinstance(self.score_scale, tuple) else (self.score_scale,)
+        knobs = {k: getattr(self, k) for k in DashParams.keys() if k != "score_scale"}
+        knobs.update(alpha=_as_float(self.alpha), prior_weight=_as_float(self.prior_weight))
+        return tuple(DashParams(score_scale=_as_float(s), **knobs) for s in scales)
 
-    def kernel_kwargs(self, layer_index: int = 0) -> dict:
-        """Keyword arguments of the reference / kernel entry points for one layer."""
-        return dict(alpha=float(self.alpha), score_scale=self.layer_score_scale(layer_index),
-                    sink_blocks=self.sink_blocks, local_blocks=self.local_blocks,
-                    max_blocks=self.max_blocks, min_blocks=self.min_blocks,
-                    dense_below=self.dense_below, score_norm=self.score_norm,
-                    prior_norm=self.prior_norm, selector=self.selector)
+    def params_for_layer(self, layer_index: int) -> DashParams:
+        """The method's knobs for one attention layer (the same object on every call)."""
+        per_layer = isinstance(self.score_scale, tuple)
+        return self._layer_params[layer_index if per_layer else 0]
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         if isinstance(d["score_scale"], tuple):
             d["score_scale"] = list(d["score_scale"])
         return d
+
+
+def _as_float(v):
+    """JSON ints (alpha 2, prior_weight 1) as floats; anything else unchanged (and
+    rejected by DashParams with its rule)."""
+    return float(v) if _is_number(v) else v
 
 
 def _is_number(v) -> bool:
@@ -189,3 +191,19 @@ def config_help() -> str:
         allowed, text = _DOC[key]
         lines.append(f"{key} (default {getattr(defaults, key)!r}): {text}; {allowed}")
     return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=8)
+def _engine_config(dash_json: str) -> DashConfig:
+    return DashConfig.from_mapping(json.loads(dash_json))
+
+
+def engine_config(additional_config: Optional[Mapping[str, Any]]) -> DashConfig:
+    """The DashConfig of a vLLM ``additional_config``, parsed (and its files read) once per
+    process and shared: the builder and every layer's Impl get the same object."""
+    if isinstance(additional_config, str):
+        additional_config = json.loads(additional_config)
+    dash = None if additional_config is None else additional_config.get("dash")
+    if dash is not None and not isinstance(dash, Mapping):
+        return DashConfig.from_mapping(dash)             # raises the usual error
+    return _engine_config(json.dumps(dash, sort_keys=True))

@@ -1,6 +1,7 @@
 """An independent, loop-per-sequence DashAttention decode step for cross-checking the
-vectorised reference. Written from DESIGN.md §3 alone: Python loops over sequences, KV
-heads and blocks, the `entmax` package for the probabilities, float64 throughout."""
+vectorised reference. Written from the method's description (docs/design.md) alone: loops
+over sequences, KV heads and blocks, the `entmax` package for the probabilities, float64
+throughout."""
 import math
 
 import entmax as oracle
@@ -15,12 +16,13 @@ def _entmax(z: torch.Tensor, alpha: float) -> torch.Tensor:
     return oracle.entmax_bisect(z, alpha=alpha, dim=-1, n_iter=200)
 
 
-def naive_dash_decode(q, k, v, seq_lens, *, block_size, alpha=1.5, score_scale=1.0,
-                      prior_weight=1.0, sink_blocks=0, local_blocks=0, max_blocks=None,
-                      min_blocks=0, dense_below=0, score_norm="none", prior_norm="none",
-                      scale=None):
-    """q [S, Hq, D], k/v [S, Hk, L, D] -> (out [S, Hq, D] float64, selected: list per
-    sequence of list per KV head of sorted logical block ids)."""
+def naive_dash_decode(q, k, v, seq_lens, *, params, block_size, scale=None):
+    """q [S, Hq, D], k/v [S, Hk, L, D], params a DashParams -> (out [S, Hq, D] float64,
+    selected: list per sequence of list per KV head of sorted logical block ids)."""
+    alpha, score_scale, score_norm = params.alpha, params.score_scale, params.score_norm
+    prior_weight, prior_norm = params.prior_weight, params.prior_norm
+    sink_blocks, local_blocks = params.sink_blocks, params.local_blocks
+    min_blocks, max_blocks, dense_below = params.min_blocks, params.max_blocks, params.dense_below
     S, Hq, D = q.shape
     Hk = k.shape[1]
     G = Hq // Hk

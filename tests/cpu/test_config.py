@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from vllm_dash.config import DashConfig, config_help
+from vllm_dash.config import DashConfig, config_help, engine_config
+from vllm_dash.kernels.params import DashParams
 
 
 def test_defaults_and_round_trip():
@@ -20,9 +21,17 @@ def test_values_are_used():
                   "sink_blocks": 2, "local_blocks": 3, "min_blocks": 4, "max_blocks": 9,
                   "dense_below": 100, "score_norm": "none", "prior_norm": "max"}})
     cfg.check_num_layers(2)
-    kw = cfg.kernel_kwargs(1)
-    assert kw["score_scale"] == 2.0 and cfg.kernel_kwargs(0)["score_scale"] == 0.5
-    assert kw["alpha"] == 1.25 and kw["max_blocks"] == 9 and kw["prior_norm"] == "max"
+    p1 = cfg.params_for_layer(1)
+    assert isinstance(p1, DashParams)
+    assert p1.score_scale == 2.0 and cfg.params_for_layer(0).score_scale == 0.5
+    assert p1.alpha == 1.25 and p1.max_blocks == 9 and p1.prior_norm == "max"
+    assert p1.prior_weight == 1.0 and p1.dense_below == 100 and p1.score_norm == "none"
+    assert cfg.params_for_layer(1) is p1                   # built once
+    one = DashConfig.from_mapping({"alpha": 2, "score_scale": 3})
+    assert one.params_for_layer(0) is one.params_for_layer(7)
+    assert one.params_for_layer(5) == DashParams(alpha=2.0, score_scale=3.0, prior_weight=0.0,
+                                                 sink_blocks=1, local_blocks=1, min_blocks=4,
+                                                 score_norm="standardize")
     with pytest.raises(ValueError, match="score_scale has 2 entries but the model has 3"):
         cfg.check_num_layers(3)
 
@@ -36,6 +45,8 @@ def test_values_are_used():
     ({"local_blocks": 1.5}, "local_blocks"), ({"min_blocks": True}, "min_blocks"),
     ({"max_blocks": 1, "sink_blocks": 1}, "max_blocks"), ({"dense_below": -3}, "dense_below"),
     ({"score_norm": "zscore"}, "score_norm"), ({"prior_norm": "l1"}, "prior_norm"),
+    ({"selector": "quest"}, "selector"), ({"selector": "topk", "min_blocks": 0}, "min_blocks"),
+    ({"stats_interval": -1}, "stats_interval"), ({"score_scale_file": 3}, "score_scale_file"),
     ({"score_scale_file": "/nonexistent/scales.json"}, "score_scale_file"),
 ])
 def test_bad_values_name_the_key_and_allowed_values(dash, key):
@@ -43,6 +54,7 @@ def test_bad_values_name_the_key_and_allowed_values(dash, key):
         DashConfig.from_additional_config({"dash": dash})
     msg = str(e.value)
     assert "allowed" in msg or "must" in msg
+    assert msg.startswith(("DASH config", "unknown DASH config")) and "\n" not in msg
 
 
 def test_not_an_object():
@@ -64,3 +76,21 @@ def test_help_lists_every_key():
     text = config_help()
     for key in DashConfig.keys():
         assert key in text
+
+
+def test_engine_config_parses_once_per_process(tmp_path, monkeypatch):
+    """The builder and every layer's Impl share one parsed config: the scale file is read
+    once, and the same additional_config gives the same object."""
+    f = tmp_path / "scales.json"
+    f.write_text(json.dumps({"score_scale": [1.0, 2.0]}))
+    import vllm_dash.config as config_mod
+    reads = []
+    orig = config_mod._load_scale_file
+    monkeypatch.setattr(config_mod, "_load_scale_file", lambda p: reads.append(p) or orig(p))
+    extra = {"dash": {"score_scale_file": str(f), "min_blocks": 2}, "other": 1}
+    a = engine_config(extra)
+    b = engine_config(json.dumps({"dash": {"min_blocks": 2, "score_scale_file": str(f)}}))
+    assert a is b and a.score_scale == (1.0, 2.0) and len(reads) == 1
+    assert engine_config(None) is engine_config({"other": 2}) == DashConfig()
+    with pytest.raises(ValueError, match="JSON object"):
+        engine_config({"dash": [1]})

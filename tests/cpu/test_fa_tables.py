@@ -5,6 +5,7 @@ import torch
 
 from vllm_dash.kernels import fa_tables as F
 from vllm_dash.kernels import reference as R
+from vllm_dash.kernels.params import DashParams
 
 
 @pytest.mark.parametrize("Hq,Hk,B", [(4, 2, 16), (8, 1, 16), (4, 4, 32)])
@@ -17,7 +18,7 @@ def test_tables_reproduce_reference_stage2(Hq, Hk, B):
     vc = torch.randn(num_blocks, Hk, B, D, generator=gen)
     q = torch.randn(S, Hq, D, generator=gen)
     _, info = R.dash_attention_paged(q, kc.transpose(1, 2), vc.transpose(1, 2), table, lens,
-                                     score_scale=40.0, prior_weight=0.0)
+                                     params=DashParams(score_scale=40.0, prior_weight=0.0))
     sel = info["selection"]
     assert (info["counts"] < info["num_blocks"][:, None]).any()    # really sparse
     ids = torch.zeros(S + 2, Hk, M, dtype=torch.int32)              # capacity > S
@@ -35,5 +36,5 @@ def test_tables_reproduce_reference_stage2(Hq, Hk, B):
                                   scale=D ** -0.5)
     ref = R.sparse_attention(q, R.gather_paged(kc.transpose(1, 2), table, lens),
                              R.gather_paged(vc.transpose(1, 2), table, lens), sel,
-                             prior_weight=0.0)
+                             params=DashParams(prior_weight=0.0))
     torch.testing.assert_close(F.groups_as_queries(o, S), ref, atol=1e-5, rtol=1e-5)

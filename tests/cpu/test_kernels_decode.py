@@ -12,7 +12,8 @@ import torch
 from vllm_dash.kernels import reference as ref
 from vllm_dash.kernels import decode as dec
 from vllm_dash.kernels.decode import (DecodeWorkspace, choose_num_splits, fill_dense_selection,
-                                      sparse_decode, sparse_decode_torch)
+                                      sparse_decode)
+from vllm_dash.kernels.params import DashParams
 
 pytestmark = pytest.mark.filterwarnings(
     # Triton 3.6's interpreter converts 1-element arrays to int (numpy deprecation)
@@ -96,17 +97,20 @@ def to_compact(sel, block_table, S_cap, max_blocks, poison_block):
 def reference_out(q, kc, vc, bt, lens, sel, prior_weight, scale=None):
     k = ref.gather_paged(torch.nan_to_num(kc, nan=0.0), bt, lens)
     v = ref.gather_paged(torch.nan_to_num(vc, nan=0.0), bt, lens)
-    return ref.sparse_attention(q, k, v, sel, prior_weight=prior_weight, scale=scale)
+    return ref.sparse_attention(q, k, v, sel, params=DashParams(prior_weight=prior_weight),
+                                scale=scale)
 
 
-def run_both(q, kc, vc, ids, lp, counts, lens_t, B, **kw):
+def run_both(q, kc, vc, ids, lp, counts, lens_t, B, prior_weight=1.0, **kw):
+    """The kernel and its twin (reference.sparse_decode) on the same compacted selection."""
+    params = DashParams(prior_weight=prior_weight)
     out = torch.full_like(q, float("nan"))
     sparse_decode(q=q, key_cache=kc, value_cache=vc, block_ids=ids, log_prior=lp, counts=counts,
-                  seq_lens=lens_t, out=out, block_size=B, **kw)
+                  seq_lens=lens_t, out=out, params=params, block_size=B, **kw)
     twin = torch.full_like(q, float("nan"))
-    kw.pop("workspace", None)
-    sparse_decode_torch(q=q, key_cache=kc, value_cache=vc, block_ids=ids, log_prior=lp,
-                        counts=counts, seq_lens=lens_t, out=twin, block_size=B, **kw)
+    ref.sparse_decode(q=q, key_cache=kc, value_cache=vc, block_ids=ids, log_prior=lp,
+                      counts=counts, seq_lens=lens_t, out=twin, params=params, block_size=B,
+                      **kw)
     return out, twin
 
 
@@ -206,7 +210,8 @@ def test_with_reference_select_blocks(layout, pw, prior_norm):
     q = torch.randn(len(lens), Hq, D, generator=torch.Generator().manual_seed(2)) * 3
     want, info = ref.dash_attention_paged(
         q, torch.nan_to_num(kc, nan=0.0), torch.nan_to_num(vc, nan=0.0), bt, lens,
-        score_scale=4.0, prior_weight=pw, sink_blocks=1, prior_norm=prior_norm)
+        params=DashParams(score_scale=4.0, prior_weight=pw, sink_blocks=1,
+                          prior_norm=prior_norm))
     sel = info["selection"]
     assert (sel.counts < sel.num_blocks[:, None]).any(), "selection should be sparse"
     ids, lp, counts = to_compact(sel, bt, len(lens), bt.shape[1], nan_block)
@@ -269,7 +274,7 @@ def test_dense_path_equals_sdpa(Hq, Hk, D, B, layout, dtype, ns):
     scale = 0.3
     sparse_decode(q=q, key_cache=kc, value_cache=vc, block_ids=ids, log_prior=lp,
                   counts=counts, seq_lens=lens_t, out=out, block_size=B, scale=scale,
-                  prior_weight=1.0, num_splits=ns)
+                  params=DashParams(), num_splits=ns)
     want = sdpa_dense(q, kc, vc, bt, lens, scale=scale)
     torch.testing.assert_close(out.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
@@ -310,7 +315,7 @@ def test_argument_errors():
     ids, lp, counts = to_compact(sel, bt, 1, bt.shape[1], nan_block)
     lens_t = torch.tensor(lens, dtype=torch.int32)
     base = dict(q=q, key_cache=kc, value_cache=vc, block_ids=ids, log_prior=lp, counts=counts,
-                seq_lens=lens_t, out=torch.empty_like(q), block_size=B)
+                seq_lens=lens_t, out=torch.empty_like(q), block_size=B, params=DashParams())
     with pytest.raises(ValueError, match="block_size"):
         sparse_decode(**{**base, "block_size": 32})
     with pytest.raises(ValueError, match="multiple"):

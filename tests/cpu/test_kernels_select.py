@@ -1,5 +1,5 @@
 """kernels/select.py under the Triton interpreter vs reference.select_blocks (through the
-torch twin select_blocks_paged_torch, which compacts the reference's Selection).
+torch twin reference.select_blocks_paged, which compacts the reference's Selection).
 
 Exactness policy. The kernel's block set must equal the reference's exactly. The only
 legitimate source of a difference is a block at the entmax support boundary: its
@@ -21,8 +21,20 @@ import triton
 import triton.language as tl
 
 from vllm_dash.kernels import reference as ref
-from vllm_dash.kernels.select import (SelectWorkspace, _kth_largest, select_blocks_paged,
-                                      select_blocks_paged_torch)
+from vllm_dash.kernels.params import DashParams
+from vllm_dash.kernels.select import SelectWorkspace, _kth_largest, select_blocks_paged
+
+
+def split_params(kw):
+    """Test settings as one dict -> (DashParams of the knobs, the other keyword arguments)."""
+    knobs = {k: v for k, v in kw.items() if k in DashParams.keys()}
+    return DashParams(**knobs), {k: v for k, v in kw.items() if k not in knobs}
+
+
+def select_blocks_paged_torch(**kw):
+    """The twin (reference.select_blocks_paged) called with the knobs as keywords."""
+    params, rest = split_params(kw)
+    return ref.select_blocks_paged(params=params, **rest)
 
 # the interpreter's scalar __index__ (range over a loaded length) warns on NumPy >= 1.25
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
@@ -66,9 +78,10 @@ def run_kernel(q, summ, bt, lens, *, cap_extra=2, workspace=None, **kw):
     if workspace is None:
         workspace = SelectWorkspace(S + cap_extra, Hq, Hk, nmax)
     cnt2 = torch.full((S + cap_extra + 1, Hk), -555, dtype=torch.int32)   # a stats buffer
+    params, rest = split_params(kw)
     select_blocks_paged(q=q, summaries=summ, block_table=bt, seq_lens=lens, out_block_ids=ids,
                         out_log_prior=lp, out_counts=cnt, workspace=workspace,
-                        out_counts_copy=cnt2, **kw)
+                        out_counts_copy=cnt2, params=params, **rest)
     # rows past S (capacity) are untouched; the second destination holds the same counts
     assert (cnt[S:] == -777).all() and (ids[S:] == -777).all()
     assert torch.equal(cnt2[:S], cnt[:S]) and (cnt2[S:] == -555).all()
@@ -409,12 +422,14 @@ def test_argument_errors():
         select_blocks_paged(q=q, summaries=summ, block_table=bt, seq_lens=lt,
                             out_block_ids=torch.zeros(2, Hk, bt.shape[1], dtype=torch.int32),
                             out_log_prior=torch.zeros(2, Hk, bt.shape[1]),
-                            out_counts=torch.zeros(2, Hk), block_size=B)
+                            out_counts=torch.zeros(2, Hk), params=DashParams(),
+                            block_size=B)
     with pytest.raises(ValueError, match="out_counts_copy"):
         select_blocks_paged(q=q, summaries=summ, block_table=bt, seq_lens=lt,
                             out_block_ids=torch.zeros(2, Hk, bt.shape[1], dtype=torch.int32),
                             out_log_prior=torch.zeros(2, Hk, bt.shape[1]),
                             out_counts=torch.zeros(2, Hk, dtype=torch.int32), block_size=B,
+                            params=DashParams(),
                             out_counts_copy=torch.zeros(2, Hk + 1, dtype=torch.int32))
 
 
@@ -553,6 +568,6 @@ def test_topk_selector(tile):
 
 def test_topk_needs_min_blocks():
     with pytest.raises(ValueError, match="min_blocks"):
-        ref.validate_dash_args(block_size=16, selector="topk", min_blocks=0)
+        DashParams(selector="topk", min_blocks=0)
     with pytest.raises(ValueError, match="selector"):
-        ref.validate_dash_args(block_size=16, selector="quest")
+        DashParams(selector="quest")

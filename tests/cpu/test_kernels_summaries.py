@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vllm_dash.kernels import reference as ref
-from vllm_dash.kernels.summaries import write_kv_and_summaries, write_kv_and_summaries_torch
+from vllm_dash.kernels import reference as ref
+from vllm_dash.kernels.summaries import write_kv_and_summaries
 
 
 class PagedState:
@@ -37,9 +38,9 @@ class PagedState:
         sm = torch.tensor(slots, dtype=torch.int64)
         write_kv_and_summaries(key=key, value=value, key_cache=self.kc, value_cache=self.vc,
                                summaries=self.summ, slot_mapping=sm)
-        write_kv_and_summaries_torch(key=key, value=value, key_cache=self.kc_t,
-                                     value_cache=self.vc_t, summaries=self.summ_t,
-                                     slot_mapping=sm)
+        ref.write_kv_and_summaries(key=key, value=value, key_cache=self.kc_t,
+                                   value_cache=self.vc_t, summaries=self.summ_t,
+                                   slot_mapping=sm)
         return key, value, sm
 
     def check(self, touched_blocks=None):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vllm_dash.kernels import reference as R
+from vllm_dash.kernels.params import DashParams as P
 from naive_dash import naive_dash_decode
 
 
@@ -75,8 +76,8 @@ CONFIGS = [
 def test_reference_matches_independent_implementation(cfg):
     Hq, Hk, D, B, L, kw = CONFIGS[cfg]
     q, k, v, lens = make_inputs(cfg, 5, Hq, Hk, L, D)
-    out, info = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, **kw)
-    ref_out, ref_sel = naive_dash_decode(q, k, v, lens, block_size=B, **kw)
+    out, info = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, params=P(**kw))
+    ref_out, ref_sel = naive_dash_decode(q, k, v, lens, block_size=B, params=P(**kw))
     assert selected_lists(info, None) == ref_sel
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
 
@@ -85,9 +86,9 @@ def test_reference_matches_independent_implementation(cfg):
 def test_paged_equals_contiguous(cfg):
     Hq, Hk, D, B, L, kw = CONFIGS[cfg]
     q, k, v, lens = make_inputs(100 + cfg, 4, Hq, Hk, L, D)
-    out_c, info_c = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, **kw)
+    out_c, info_c = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, params=P(**kw))
     kc, vc, table = to_paged(k, v, lens, B, seed=cfg)
-    out_p, info_p = R.dash_attention_paged(q, kc, vc, table, lens, **kw)
+    out_p, info_p = R.dash_attention_paged(q, kc, vc, table, lens, params=P(**kw))
     torch.testing.assert_close(out_p, out_c, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(info_p["density"], info_c["density"])
     torch.testing.assert_close(info_p["counts"], info_c["counts"])
@@ -101,7 +102,7 @@ def test_paged_equals_contiguous(cfg):
     summ = R.block_summaries_paged(kc, table, lens)
     kh, vh = kc.transpose(1, 2).contiguous(), vc.transpose(1, 2).contiguous()
     out_h, _ = R.dash_attention_paged(q, kh.transpose(1, 2), vh.transpose(1, 2), table, lens,
-                                      summaries=summ, **kw)
+                                      summaries=summ, params=P(**kw))
     torch.testing.assert_close(out_h, out_c, atol=1e-6, rtol=1e-6)
 
 
@@ -112,10 +113,10 @@ def test_dense_equivalence_with_sdpa(dtype, Hq, Hk):
     the output is dense attention (torch SDPA), also through dense_below."""
     D, B, L = 32, 16, 150
     q, k, v, lens = make_inputs(7, 4, Hq, Hk, L, D, dtype=dtype)
-    out, info = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, score_scale=0.0,
-                                 prior_weight=0.0)
-    out2, info2 = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, score_scale=5.0,
-                                   dense_below=L + 1)
+    out, info = R.dash_attention(q, k, v, block_size=B, seq_lens=lens,
+                                 params=P(score_scale=0.0, prior_weight=0.0))
+    out2, info2 = R.dash_attention(q, k, v, block_size=B, seq_lens=lens,
+                                   params=P(score_scale=5.0, dense_below=L + 1))
     assert torch.all(info["density"] == 1.0) and torch.all(info2["density"] == 1.0)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     for s in range(q.shape[0]):
@@ -132,7 +133,7 @@ def test_density_decreases_as_score_scale_grows():
     q, k, v, lens = make_inputs(11, 6, 8, 2, 512, 32, lens=[512, 480, 400, 333, 256, 200])
     dens = []
     for s in [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0]:
-        _, info = R.dash_attention(q, k, v, block_size=16, seq_lens=lens, score_scale=s)
+        _, info = R.dash_attention(q, k, v, block_size=16, seq_lens=lens, params=P(score_scale=s))
         dens.append(info["density"])
     for a, b in zip(dens, dens[1:]):
         assert torch.all(b <= a + 1e-9)          # per (sequence, KV head), monotone
@@ -145,7 +146,7 @@ def test_forced_blocks_always_selected():
     q, k, v, lens = make_inputs(12, 5, 8, 2, 400, 32)
     for kw in [dict(score_scale=1e3), dict(score_scale=1e3, sink_blocks=2, local_blocks=3),
                dict(score_scale=1e3, sink_blocks=1, local_blocks=2, max_blocks=3)]:
-        _, info = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, **kw)
+        _, info = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, params=P(**kw))
         sel = info["selection"]
         for s in range(q.shape[0]):
             n = int(sel.num_blocks[s])
@@ -161,7 +162,7 @@ def test_forced_blocks_always_selected():
 
 def test_gqa_union_semantics():
     q, k, v, lens = make_inputs(13, 4, 8, 2, 320, 32)
-    _, info = R.dash_attention(q, k, v, block_size=16, seq_lens=lens, score_scale=3.0)
+    _, info = R.dash_attention(q, k, v, block_size=16, seq_lens=lens, params=P(score_scale=3.0))
     sel = info["selection"]
     S, Hk, n_max = sel.selected.shape
     union = (sel.probs > 0).view(S, Hk, 4, n_max).any(2)
@@ -179,9 +180,9 @@ def test_gqa_union_semantics():
 def test_min_blocks_floor_and_max_blocks_cap():
     B = 16
     q, k, v, lens = make_inputs(14, 4, 8, 2, 480, 32, lens=[480, 300, 47, 200])
-    _, sparse = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, score_scale=1e4)
-    _, floored = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, score_scale=1e4,
-                                  min_blocks=4)
+    _, sparse = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, params=P(score_scale=1e4))
+    _, floored = R.dash_attention(q, k, v, block_size=B, seq_lens=lens,
+                                  params=P(score_scale=1e4, min_blocks=4))
     n = sparse["num_blocks"]
     assert torch.all(floored["counts"] >= torch.minimum(n, torch.tensor(4))[:, None])
     assert torch.all(floored["counts"] >= sparse["counts"])
@@ -191,15 +192,15 @@ def test_min_blocks_floor_and_max_blocks_cap():
         for h in range(8):
             top = sel.scores[s, h, : int(n[s])].topk(min(4, int(n[s]))).indices
             assert sel.selected[s, h // 4, top].all()
-    _, capped = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, score_scale=0.0,
-                                 max_blocks=3)
+    _, capped = R.dash_attention(q, k, v, block_size=B, seq_lens=lens,
+                                 params=P(score_scale=0.0, max_blocks=3))
     assert torch.all(capped["counts"] == torch.minimum(n, torch.tensor(3))[:, None])
 
 
 def test_prior_norm_max():
     q, k, v, lens = make_inputs(15, 3, 8, 2, 320, 32)
-    _, info = R.dash_attention(q, k, v, block_size=16, seq_lens=lens, score_scale=2.0,
-                               prior_norm="max")
+    _, info = R.dash_attention(q, k, v, block_size=16, seq_lens=lens,
+                               params=P(score_scale=2.0, prior_norm="max"))
     sel = info["selection"]
     assert float(sel.prior.max()) == 1.0
     top = sel.mean_probs.argmax(-1, keepdim=True)
@@ -210,7 +211,7 @@ def test_prior_norm_max():
 def test_info_and_density_accounting():
     B = 16
     q, k, v, lens = make_inputs(16, 3, 4, 2, 100, 32, lens=[100, 33, 5])
-    _, info = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, score_scale=1e4)
+    _, info = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, params=P(score_scale=1e4))
     assert info["num_blocks"].tolist() == [7, 3, 1]
     sel = info["selection"]
     for s, L in enumerate([100, 33, 5]):
@@ -250,15 +251,14 @@ def test_prefix_shared_blocks_in_paged_layout():
     kc, vc, table = to_paged(k, v, lens, B)
     shared = table.clone()
     shared[1, :3] = table[0, :3]
-    out_a, _ = R.dash_attention_paged(q, kc, vc, table, lens, score_scale=2.0)
-    out_b, info = R.dash_attention_paged(q, kc, vc, shared, lens, score_scale=2.0)
+    out_a, _ = R.dash_attention_paged(q, kc, vc, table, lens, params=P(score_scale=2.0))
+    out_b, info = R.dash_attention_paged(q, kc, vc, shared, lens, params=P(score_scale=2.0))
     torch.testing.assert_close(out_a, out_b)
 
 
 @pytest.mark.parametrize("kw,name", [
     (dict(alpha=1.0), "alpha"), (dict(alpha=2.5), "alpha"), (dict(alpha=0.5), "alpha"),
-    (dict(block_size=12), "block_size"), (dict(block_size=0), "block_size"),
-    (dict(block_size=-16), "block_size"),
+    (dict(alpha="x"), "alpha"),
     (dict(sink_blocks=-1), "sink_blocks"), (dict(local_blocks=-2), "local_blocks"),
     (dict(min_blocks=-1), "min_blocks"), (dict(dense_below=-5), "dense_below"),
     (dict(max_blocks=0), "max_blocks"), (dict(max_blocks=-3), "max_blocks"),
@@ -266,33 +266,48 @@ def test_prefix_shared_blocks_in_paged_layout():
     (dict(score_scale=-1.0), "score_scale"), (dict(score_scale=float("inf")), "score_scale"),
     (dict(prior_weight=1.5), "prior_weight"), (dict(prior_weight=-0.1), "prior_weight"),
     (dict(score_norm="zscore"), "score_norm"), (dict(prior_norm="sum"), "prior_norm"),
-    (dict(scale=0.0), "scale"),
+    (dict(selector="quest"), "selector"), (dict(selector="topk", min_blocks=0), "min_blocks"),
+])
+def test_invalid_params_name_the_key_and_allowed_values(kw, name):
+    """The knobs are checked once, when a DashParams is built."""
+    with pytest.raises(ValueError, match=name) as e:
+        P(**kw)
+    assert "must be" in str(e.value)
+    with pytest.raises(ValueError, match=name):
+        P().replace(**kw)
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(block_size=12), "block_size"), (dict(block_size=0), "block_size"),
+    (dict(block_size=-16), "block_size"), (dict(scale=0.0), "scale"),
 ])
 def test_invalid_arguments_name_the_argument(kw, name):
     q, k, v, lens = make_inputs(19, 2, 4, 2, 64, 32)
     args = dict(block_size=16)
     args.update(kw)
     with pytest.raises(ValueError, match=name):
-        R.dash_attention(q, k, v, seq_lens=lens, **args)
+        R.dash_attention(q, k, v, seq_lens=lens, params=P(), **args)
     if name != "block_size":
         kc, vc, table = to_paged(k, v, lens, 16)
         paged_args = {a: b for a, b in args.items() if a != "block_size"}
         with pytest.raises(ValueError, match=name):
-            R.dash_attention_paged(q, kc, vc, table, lens, **paged_args)
+            R.dash_attention_paged(q, kc, vc, table, lens, params=P(), **paged_args)
+    with pytest.raises(TypeError, match="DashParams"):
+        R.dash_attention(q, k, v, seq_lens=lens, params=dict(alpha=1.5), block_size=16)
 
 
 def test_invalid_shapes_name_the_argument():
     q, k, v, lens = make_inputs(20, 2, 6, 4, 64, 32)
     with pytest.raises(ValueError, match="query heads"):
-        R.dash_attention(q, k, v, block_size=16)
+        R.dash_attention(q, k, v, params=P(), block_size=16)
     q, k, v, lens = make_inputs(20, 2, 4, 2, 64, 32)
     with pytest.raises(ValueError, match="seq_lens"):
-        R.dash_attention(q, k, v, block_size=16, seq_lens=[64, 65])
+        R.dash_attention(q, k, v, block_size=16, params=P(), seq_lens=[64, 65])
     with pytest.raises(ValueError, match="seq_lens"):
-        R.dash_attention(q, k, v, block_size=16, seq_lens=[0, 3])
+        R.dash_attention(q, k, v, block_size=16, params=P(), seq_lens=[0, 3])
     with pytest.raises(ValueError, match="block_size"):
         kc, vc, table = to_paged(k, v, lens, 16)
-        R.dash_attention_paged(q, kc, vc, table, lens, block_size=32)
+        R.dash_attention_paged(q, kc, vc, table, lens, params=P(), block_size=32)
 
 
 def test_garbage_in_unwritten_slots_is_ignored():
@@ -300,19 +315,19 @@ def test_garbage_in_unwritten_slots_is_ignored():
     anything, NaN included: nothing of it reaches the output or the summaries."""
     q, k, v, lens = make_inputs(21, 3, 4, 2, 70, 32, lens=[70, 37, 5])
     kc, vc, table = to_paged(k, v, lens, 16)
-    out, _ = R.dash_attention_paged(q, kc, vc, table, lens, score_scale=2.0)
+    out, _ = R.dash_attention_paged(q, kc, vc, table, lens, params=P(score_scale=2.0))
     for s in range(3):
         n = -(-int(lens[s]) // 16)
         last = table[s, n - 1]
         fill = int(lens[s]) - (n - 1) * 16
         kc[last, fill:] = float("nan")
         vc[last, fill:] = float("nan")
-    out_nan, info = R.dash_attention_paged(q, kc, vc, table, lens, score_scale=2.0)
+    out_nan, info = R.dash_attention_paged(q, kc, vc, table, lens, params=P(score_scale=2.0))
     assert torch.isfinite(out_nan).all()
     torch.testing.assert_close(out_nan, out)
     kn, vn = k.clone(), v.clone()
     for s in range(3):
         kn[s, :, int(lens[s]):] = float("nan")
         vn[s, :, int(lens[s]):] = float("nan")
-    out_c, _ = R.dash_attention(q, kn, vn, block_size=16, seq_lens=lens, score_scale=2.0)
+    out_c, _ = R.dash_attention(q, kn, vn, block_size=16, seq_lens=lens, params=P(score_scale=2.0))
     torch.testing.assert_close(out_c, out)

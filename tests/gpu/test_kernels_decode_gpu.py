@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vllm_dash.kernels import reference as ref
-from vllm_dash.kernels.decode import (DecodeWorkspace, fill_dense_selection, sparse_decode,
-                                      sparse_decode_torch)
+from vllm_dash.kernels.decode import DecodeWorkspace, fill_dense_selection, sparse_decode
+from vllm_dash.kernels.params import DashParams
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -92,12 +92,12 @@ def test_real_shapes_vs_twin(S, Hq, Hk, L, B, dtype, layout, density, pw, ns):
     ws = DecodeWorkspace(S, Hq, D, 64, device=DEV)
     out = torch.full_like(q, float("nan"))
     sparse_decode(q=q, key_cache=kc, value_cache=vc, block_ids=ids, log_prior=lp,
-                  counts=counts, seq_lens=lens_t, out=out, block_size=B, prior_weight=pw,
-                  num_splits=ns, workspace=ws)
+                  counts=counts, seq_lens=lens_t, out=out, block_size=B,
+                  params=DashParams(prior_weight=pw), num_splits=ns, workspace=ws)
     twin = torch.empty_like(q)
-    sparse_decode_torch(q=q, key_cache=kc, value_cache=vc, block_ids=ids, log_prior=lp,
-                        counts=counts, seq_lens=lens_t, out=twin, block_size=B,
-                        prior_weight=pw)
+    ref.sparse_decode(q=q, key_cache=kc, value_cache=vc, block_ids=ids, log_prior=lp,
+                      counts=counts, seq_lens=lens_t, out=twin, block_size=B,
+                      params=DashParams(prior_weight=pw))
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), twin.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
@@ -127,10 +127,11 @@ def test_vs_reference_sparse_attention():
                         dense=torch.zeros(S, dtype=torch.bool, device=DEV), block_size=B)
     kk = ref.gather_paged(torch.nan_to_num(kc, nan=0.0), bt, lens_l)
     vv = ref.gather_paged(torch.nan_to_num(vc, nan=0.0), bt, lens_l)
-    want = ref.sparse_attention(q, kk, vv, sel, prior_weight=1.0)
+    want = ref.sparse_attention(q, kk, vv, sel, params=DashParams(prior_weight=1.0))
     out = torch.empty_like(q)
     sparse_decode(q=q, key_cache=kc, value_cache=vc, block_ids=ids, log_prior=lp,
-                  counts=counts, seq_lens=lens_t, out=out, block_size=B, prior_weight=1.0)
+                  counts=counts, seq_lens=lens_t, out=out, block_size=B,
+                  params=DashParams(prior_weight=1.0))
     torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
@@ -143,7 +144,8 @@ def test_dense_path_vs_sdpa():
                          out_block_ids=ids, out_log_prior=lp, out_counts=counts)
     out = torch.empty_like(q)
     sparse_decode(q=q, key_cache=kc, value_cache=vc, block_ids=ids, log_prior=lp,
-                  counts=counts, seq_lens=lens_t, out=out, block_size=B, prior_weight=1.0)
+                  counts=counts, seq_lens=lens_t, out=out, block_size=B,
+                  params=DashParams(prior_weight=1.0))
     lens_l = torch.tensor(lens, device=DEV)
     k = ref.gather_paged(torch.nan_to_num(kc, nan=0.0), bt, lens_l).float()
     v = ref.gather_paged(torch.nan_to_num(vc, nan=0.0), bt, lens_l).float()
@@ -181,7 +183,7 @@ def test_cuda_graph_capture_and_replay(dense):
                                  out_counts=cnt_buf)
         sparse_decode(q=q_buf, key_cache=kc, value_cache=vc, block_ids=ids_buf,
                       log_prior=lp_buf, counts=cnt_buf, seq_lens=len_buf, out=out_buf,
-                      block_size=B, prior_weight=0.7, workspace=ws)
+                      block_size=B, params=DashParams(prior_weight=0.7), workspace=ws)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -209,9 +211,9 @@ def test_cuda_graph_capture_and_replay(dense):
         graph.replay()
         torch.cuda.synchronize()
         want = torch.empty_like(q)
-        sparse_decode_torch(q=q_buf, key_cache=kc, value_cache=vc, block_ids=ids_buf,
-                            log_prior=lp_buf, counts=cnt_buf, seq_lens=len_buf, out=want,
-                            block_size=B, prior_weight=0.7)
+        ref.sparse_decode(q=q_buf, key_cache=kc, value_cache=vc, block_ids=ids_buf,
+                          log_prior=lp_buf, counts=cnt_buf, seq_lens=len_buf, out=want,
+                          block_size=B, params=DashParams(prior_weight=0.7))
         torch.testing.assert_close(out_buf.float(), want.float(), atol=2e-2, rtol=2e-2)
         # NaN tails written by make_case would poison later rounds' full blocks: restore
         kc.nan_to_num_(nan=0.0)

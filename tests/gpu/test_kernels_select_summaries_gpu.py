@@ -12,10 +12,21 @@ import pytest
 import torch
 
 from vllm_dash.kernels import reference as ref
-from vllm_dash.kernels.select import (SelectWorkspace, select_blocks_paged,
-                                      select_blocks_paged_torch)
-from vllm_dash.kernels.summaries import (write_kv_and_summaries,
-                                         write_kv_and_summaries_torch)
+from vllm_dash.kernels.params import DashParams
+from vllm_dash.kernels.select import SelectWorkspace, select_blocks_paged
+from vllm_dash.kernels.summaries import write_kv_and_summaries
+
+
+def split_params(kw):
+    """Test settings as one dict -> (DashParams of the knobs, the other keyword arguments)."""
+    knobs = {k: v for k, v in kw.items() if k in DashParams.keys()}
+    return DashParams(**knobs), {k: v for k, v in kw.items() if k not in knobs}
+
+
+def select_blocks_paged_torch(**kw):
+    """The twin (reference.select_blocks_paged) called with the knobs as keywords."""
+    params, rest = split_params(kw)
+    return ref.select_blocks_paged(params=params, **rest)
 
 DEV = "cuda"
 PROB_ATOL = 1e-5
@@ -66,8 +77,10 @@ def _run(q, summ, bt, lens, ws=None, **kw):
     lp = torch.zeros(S, Hk, nmax, device=DEV)
     cnt = torch.zeros(S, Hk, dtype=torch.int32, device=DEV)
     ws = ws or SelectWorkspace(S, Hq, Hk, nmax, device=DEV)
+    params, rest = split_params(kw)
     select_blocks_paged(q=q, summaries=summ, block_table=bt, seq_lens=lens, out_block_ids=ids,
-                        out_log_prior=lp, out_counts=cnt, workspace=ws, **kw)
+                        out_log_prior=lp, out_counts=cnt, workspace=ws, params=params,
+                        **rest)
     return ids, lp, cnt, ws
 
 
@@ -132,8 +145,8 @@ def test_summaries_real_shapes(B, dtype, head_major):
         val = torch.randn(T, Hk, D, generator=g, device=DEV).to(dtype)
         write_kv_and_summaries(key=key, value=val, key_cache=kc, value_cache=vc,
                                summaries=summ, slot_mapping=sm)
-        write_kv_and_summaries_torch(key=key, value=val, key_cache=kc_t, value_cache=vc_t,
-                                     summaries=summ_t, slot_mapping=sm)
+        ref.write_kv_and_summaries(key=key, value=val, key_cache=kc_t, value_cache=vc_t,
+                                   summaries=summ_t, slot_mapping=sm)
         assert torch.equal(kc, kc_t) and torch.equal(vc, vc_t)
         torch.testing.assert_close(summ, summ_t, rtol=1e-5, atol=1e-5)
 
@@ -163,11 +176,12 @@ def test_select_cuda_graph_capture_and_replay():
     lp = torch.zeros(S_cap, Hk, nmax, device=DEV)
     cnt = torch.zeros(S_cap, Hk, dtype=torch.int32, device=DEV)
     ws = SelectWorkspace(S_cap, Hq, Hk, nmax, device=DEV)
+    params, rest = split_params(kw)
 
     def call():
         select_blocks_paged(q=q, summaries=summ, block_table=bt, seq_lens=lt,
                             out_block_ids=ids, out_log_prior=lp, out_counts=cnt,
-                            workspace=ws, **kw)
+                            workspace=ws, params=params, **rest)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -218,8 +232,8 @@ def test_summaries_cuda_graph_capture_and_replay():
         slots[-3:] = -1
         sm.copy_(slots)
         graph.replay()
-        write_kv_and_summaries_torch(key=key, value=val, key_cache=kc_t, value_cache=vc_t,
-                                     summaries=summ_t, slot_mapping=sm)
+        ref.write_kv_and_summaries(key=key, value=val, key_cache=kc_t, value_cache=vc_t,
+                                   summaries=summ_t, slot_mapping=sm)
         torch.cuda.synchronize()
         assert torch.equal(kc, kc_t)
         torch.testing.assert_close(summ, summ_t, rtol=1e-5, atol=1e-5)
