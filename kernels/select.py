@@ -23,19 +23,13 @@ lists every block with log-prior 0.
      steps are passes over tiles of the row in global memory (L1/L2):
        * z = score_scale * u, or score_scale * (u - mean) / std (population std, floored
          at reference.STD_EPS), written back in place;
-       * the alpha-entmax threshold: ``ENTMAX_ITERS`` Newton steps on
-         g(tau) = (sum_c [y_c - tau]_+^r)^(1/r) - 1 (r = 1/(alpha-1),
-         y = max((alpha-1) z - max, -2)), started at the left end tau = -1 of the bracket
-         [-1, -(1/n)^(alpha-1)]. g is convex and decreasing, so the iterates increase
-         monotonically towards the root and never leave the bracket in exact arithmetic
-         (a step past the right end is replaced by bisection). Newton on this "r-norm"
-         form is exact in one step for equal scores and converges in a handful of steps
-         otherwise (sparsemax, where it is Michelot's algorithm, needs the most); the
-         probabilities p_h are renormalised by the last pass's sum and written;
-       * min_blocks floor: the k-th largest z (k = min(min_blocks, n)), found exactly by a
-         32-step bisection over the order-preserving int32 image of the fp32 z, the ties
-         at the threshold taken from the lowest block id (prefix count); the per-head
-         floor flags are written (int8).
+       * the alpha-entmax threshold: at most ``ENTMAX_ITERS`` safeguarded Newton steps
+         from the left end of the threshold's bracket (argued in kernels/entmax.py); the
+         probabilities p_h, normalised by the last pass's sum, are written;
+       * min_blocks floor: the k-th largest z (k = min(min_blocks, n)), found exactly over
+         the order-preserving int32 image of the fp32 z (a radix select in registers, a
+         32-step bisection over tiles), the ties at the threshold taken from the lowest
+         block id (prefix count); the per-head floor flags are written (int8).
   K3a group: pbar = mean over the group of p_h (summed head by head), the forced / floor
      (any head) / selected flags and, for the cap, the group-mean z. When the row fits
      registers K3b computes them itself (one launch fewer: in a CUDA-graph decode step
@@ -66,6 +60,8 @@ import triton.language as tl
 
 from . import reference as ref
 from .checks import check_heads, check_output, check_select
+from .entmax import (ENTMAX_ITERS, _entmax_terms, _kth_largest, _newton_step, _skey,
+                     _sum2)
 from .params import DashParams
 
 __all__ = [
@@ -74,12 +70,6 @@ __all__ = [
     "select_blocks_paged",
 ]
 
-#: Fixed number of Newton passes of the kernel's entmax threshold solve (see module doc).
-#: In a torch model of the same iteration (fp32, n up to 8192, random / heavy-tailed /
-#: linear / geometric / log-spaced scores over 4 decades of scale) the probabilities were
-#: within 1e-6 of converged after at most 12 passes (sparsemax), 10 (alpha 1.75),
-#: 8 (alpha 1.5), 6 (alpha 1.25): 20 leaves a margin.
-ENTMAX_ITERS = 20
 _BISECT_STEPS = 32          # exact k-th largest over the 2^32 int32 keys
 #: Rows of up to this many blocks (capacity, rounded up to a power of two) stay in
 #: registers in K2 / K3b; longer rows use the tiled passes (tiles of _FALLBACK_TILE).
@@ -94,83 +84,6 @@ _TINY = float(torch.finfo(torch.float32).tiny)
 # --------------------------------------------------------------------------------------
 # kernel helpers
 # --------------------------------------------------------------------------------------
-@triton.jit
-def _skey(x):
-    """Order-preserving map fp32 -> int32 through the bit pattern (x not NaN; -0 and +0 map
-    to the same key). Signed keys: -inf -> -2^31 + 0x007FFFFF ... +inf -> 0x7F800000."""
-    x = tl.where(x == 0.0, 0.0, x)
-    b = x.to(tl.int32, bitcast=True)
-    return b ^ ((b >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
-def _pow_r(d, r):
-    """d^r and d^(r-1) for d >= 0, general r >= 1 (alpha not 1.5 or 2)."""
-    pos = d > 0.0
-    lg = tl.log2(tl.where(pos, d, 1.0))
-    pw = tl.where(pos, tl.exp2(lg * r), 0.0)
-    pw1 = tl.where(pos, tl.exp2(lg * (r - 1.0)), 0.0)
-    return pw, pw1
-
-
-@triton.jit
-def _entmax_terms(z, cm, ymax, tau, am1, r, POW_MODE: tl.constexpr):
-    """[y - tau]_+^r and [y - tau]_+^(r-1) (0 where ~cm), y = max((alpha-1) z - ymax, -2)."""
-    y = tl.maximum(z * am1 - ymax, -2.0)
-    dd = tl.where(cm, tl.maximum(y - tau, 0.0), 0.0)
-    if POW_MODE == 2:        # alpha = 1.5: r = 2
-        pw = dd * dd
-        pw1 = dd
-    elif POW_MODE == 1:      # alpha = 2 (sparsemax): r = 1
-        pw = dd
-        pw1 = tl.where(dd > 0.0, 1.0, 0.0)
-    else:
-        pw, pw1 = _pow_r(dd, r)
-    return pw, pw1
-
-
-@triton.jit
-def _newton_step(tau, F, S1, hi, am1, POW_MODE: tl.constexpr, TINY: tl.constexpr):
-    """One safeguarded Newton step on g(tau) = F(tau)^(1/r) - 1 (see module doc)."""
-    if POW_MODE == 2:
-        Finv = 1.0 / tl.sqrt(F)
-    elif POW_MODE == 1:
-        Finv = 1.0 / F
-    else:
-        Finv = tl.exp2(-am1 * tl.log2(F))
-    nxt = tau + F * (1.0 - Finv) / tl.maximum(S1, TINY)
-    return tl.where(nxt <= hi, tl.maximum(nxt, -1.0), 0.5 * (tau + hi))
-
-
-@triton.jit
-def _sum2(a, b):
-    """(sum a, sum b) of two 1-D tensors with one reduction."""
-    return tl.split(tl.sum(tl.join(a, b), 0))
-
-
-@triton.jit
-def _kth_largest(key, valid, k, RB: tl.constexpr):
-    """Exact k-th largest of the int32 ``key`` among ``valid`` (1 <= k <= #valid), by a
-    radix select of RB bits per round (32 / RB rounds, each one reduction of 2^RB counts).
-    Returns (t, cnt_gt): the key and #{valid & key > t}."""
-    NB: tl.constexpr = 1 << RB
-    b = tl.arange(0, NB).to(tl.int64)
-    # invariant: #{key >= lo} >= k > #{key >= lo + NB * width} = cnt_hi
-    lo = tl.full([], -2147483648, tl.int64)
-    cnt_hi = tl.full([], 0, tl.int32)
-    width = tl.full([], 1 << 32, tl.int64)
-    for it in range(32 // RB):
-        width = width >> RB
-        th = (lo + b * width).to(tl.int32)                             # [NB] ascending
-        cnt = tl.sum((valid[:, None] & (key[:, None] >= th[None, :])).to(tl.int32), 0)
-        ge = cnt >= k                                                   # a prefix of b
-        j = tl.sum(ge.to(tl.int32), 0) - 1
-        above = tl.max(tl.where(ge, -1, cnt), 0)                        # cnt[j + 1]
-        lo = lo + j.to(tl.int64) * width
-        cnt_hi = tl.where(above >= 0, above, cnt_hi)
-    return lo.to(tl.int32), cnt_hi
-
-
 @triton.jit
 def _active(lens_ptr, s, block_size, dense_below):
     L = tl.maximum(tl.load(lens_ptr + s).to(tl.int32), 0)
