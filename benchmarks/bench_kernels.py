@@ -12,7 +12,7 @@ For every (heads, batch, context) it times, with triton.testing.do_bench (warm-u
   fa3-paged     vLLM's FlashAttention-3 paged decode (vllm.vllm_flash_attn
                 flash_attn_varlen_func, block_table/seqused_k, fa_version=3), only if importable;
   fa3-sparse@<d> the same FA3 kernel over a compacted per-(sequence, KV head) page table
-                (DESIGN.md §4.3; needs --layout hnd; no log prior), only if importable;
+                (docs/design.md §4.4; needs --layout hnd; no log prior), only if importable;
   select@<d>, dash+select@<d>
                 with a selection hook (--select module:function, or run(select_fn=...)): the
                 hook alone and hook + our decode.

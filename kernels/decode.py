@@ -1,4 +1,4 @@
-"""Stage 2 of DASH decode on vLLM's paged KV cache (DESIGN.md §3 stage 2, §4 kernel 3).
+"""Stage 2 of DASH decode on vLLM's paged KV cache (docs/design.md §3.4, §4.3).
 
 Split-KV flash-decoding over a COMPACTED list of selected blocks, then a reduce kernel.
 

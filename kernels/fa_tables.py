@@ -1,6 +1,6 @@
 """Compacted page tables for the second stage-2 path: an external paged-decode kernel
 (vLLM's FlashAttention-3 `flash_attn_varlen_func` with `block_table` / `seqused_k`) run over
-the selected blocks of every (sequence, KV head) (DESIGN.md §4).
+the selected blocks of every (sequence, KV head) (docs/design.md §4.4).
 
 With a head-major cache [num_blocks, Hk, B, D] for K and for V, the view
 [num_blocks * Hk, B, 1, D] makes (block b, KV head h) the page b * Hk + h. Every

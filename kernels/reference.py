@@ -1,4 +1,4 @@
-"""DASH reference semantics in plain torch: the spec in code (DESIGN.md §3).
+"""DASH reference semantics in plain torch: the spec in code (docs/design.md §3).
 
 Everything the Triton kernels and the vLLM adapter compute is defined here first, readable
 first and vectorised second. Every kernel test compares against these functions, and the

