@@ -11,7 +11,8 @@ vLLM's dummy weights are replaced by a standard random init (random_init). Repor
   decode_tok_s  batch * 1000 / itl_ms median
 Methods: FLASH_ATTN, TRITON_ATTN (32K batch 1 only: its 128K prefill is very slow), and
 DASH (CUSTOM) at two densities (score_scale values; the measured density is recorded from the
-backend's statistics). Each method runs in its own subprocess (one engine, CUDA graphs on).
+backend's statistics). Each method runs in its own child process (vllm_dash.serving.child:
+one engine, CUDA graphs on; the rows of a child that fails or times out are kept).
 Writes JSON (--out), a table, and a PNG (decode tok/s and ITL vs context) next to the JSON.
 Run inside a private network namespace (vLLM 0.26 listens on all interfaces).
 
@@ -24,9 +25,10 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
+
+from vllm_dash.serving import child as child_runner
 
 # Two DASH densities. With dummy weights the standardized block scores are close to
 # Gaussian, and entmax's support shrinks with the number of blocks: score_scale 0.35 gives
@@ -108,8 +110,11 @@ def random_init(model) -> int:
     return n
 
 
-def child(args, name: str, spec: dict) -> None:
+def child(spec: dict) -> None:
+    """The child process: one engine for ``spec["method"]``, a row per (context, batch)."""
     from vllm import EngineArgs, LLMEngine, SamplingParams
+    args, name = argparse.Namespace(**spec["args"]), spec["method"]
+    spec = DEFAULT_METHODS[name]
     kw = dict(model=args.model, load_format="dummy", dtype="bfloat16",
               max_model_len=args.max_model_len, max_num_seqs=MAX_NUM_SEQS,
               gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
@@ -123,7 +128,7 @@ def child(args, name: str, spec: dict) -> None:
     cache = engine.vllm_config.cache_config
     kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
     rows = [{"method": name, "init_s": round(time.time() - t0, 1), "kv_cache_tokens": kv_tokens}]
-    print("E2E_ROW " + json.dumps(rows[0]), flush=True)
+    child_runner.emit(rows[0])
     vocab = 32000                     # random ids below every Llama vocabulary size
     for ctx in spec.get("contexts", args.contexts):
         ctx = min(ctx, args.max_model_len - args.gen)       # 128K prompt + 128 new tokens
@@ -133,8 +138,8 @@ def child(args, name: str, spec: dict) -> None:
         for b in spec.get("batches", args.batches):
             b = fits if b == "max" else int(b)
             if b > fits:
-                print("E2E_ROW " + json.dumps({"method": name, "context": ctx, "batch": b,
-                      "skipped": f"KV cache holds {fits} sequences of {ctx} tokens"}), flush=True)
+                child_runner.emit({"method": name, "context": ctx, "batch": b,
+                                   "skipped": f"KV cache holds {fits} sequences of {ctx} tokens"})
             elif b >= 1 and b not in todo:
                 todo.append(b)
         for batch in todo:
@@ -150,7 +155,7 @@ def child(args, name: str, spec: dict) -> None:
                 STATS.reset()
                 if snap:
                     row["density"] = sum(v["density"] for v in snap.values()) / len(snap)
-            print("E2E_ROW " + json.dumps(row), flush=True)
+            child_runner.emit(row)
 
 
 def main():
@@ -170,52 +175,48 @@ def main():
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--merge", nargs="+", default=None,
                     help="combine earlier --out JSON files (rows of later files win) into --out")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.merge:
-        merged, gpu, sources = {}, None, []
-        for path in args.merge:
-            with open(path) as f:
-                rep = json.load(f)
-            if gpu and rep.get("gpu") and rep["gpu"] != gpu:
-                raise SystemExit(f"--merge: {path} ran on {rep['gpu']}, not {gpu}: only runs "
-                                 "on one GPU model can share a table")
-            gpu = gpu or rep.get("gpu")
-            # a merged file keeps its own sources; a run file becomes one source
-            sources += rep.get("sources") or [{"file": os.path.basename(path),
-                                               "args": rep.get("args"),
-                                               "methods": rep.get("methods")}]
-            for r in rep["rows"]:
-                merged[(r["method"], r.get("context"), r.get("batch"))] = r
-        report = {"gpu": gpu, "sources": sources, "rows": list(merged.values())}
-        finish(report, args)
-        return
-    if args.child:
-        child(args, args.child, DEFAULT_METHODS[args.child])
+        finish(merge(args.merge), args)
         return
     rows = []
+    spec_args = {k: getattr(args, k) for k in ("model", "gen", "max_model_len",
+                                               "gpu_memory_utilization", "contexts", "batches")}
     for name in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--child", name, "--model", args.model,
-               "--gen", str(args.gen), "--max-model-len", str(args.max_model_len),
-               "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-               "--contexts", *map(str, args.contexts), "--batches", *map(str, args.batches)]
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                               env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"))
-            got = [json.loads(ln[8:]) for ln in p.stdout.splitlines() if ln.startswith("E2E_ROW ")]
-            rows += got
-            if not got or p.returncode != 0:
-                rows.append({"method": name, "error": (p.stderr or p.stdout)[-2000:]})
-        except subprocess.TimeoutExpired:
-            rows.append({"method": name, "error": "timeout"})
+        res = child_runner.run([sys.executable, os.path.abspath(__file__), "--child"],
+                               {"method": name, "args": spec_args}, timeout=args.timeout,
+                               env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+        rows += res.rows
+        if not res.rows or not res.ok:
+            timed_out = (res.error or "").startswith("timeout")
+            rows.append({"method": name, "error": res.error if timed_out else res.log_tail(2000)})
         for r in rows:
             if r.get("method") == name:
                 print(json.dumps(r), flush=True)
     import torch
     report = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-              "args": {k: v for k, v in vars(args).items() if k not in ("out", "model", "child")},
+              "args": {k: v for k, v in vars(args).items() if k not in ("out", "model")},
               "methods": {m: DEFAULT_METHODS[m] for m in args.methods.split(",")}, "rows": rows}
     finish(report, args)
+
+
+def merge(paths) -> dict:
+    """One report from earlier --out files (rows of later files win); refuses mixed GPUs."""
+    merged, gpu, sources = {}, None, []
+    for path in paths:
+        with open(path) as f:
+            rep = json.load(f)
+        if gpu and rep.get("gpu") and rep["gpu"] != gpu:
+            raise SystemExit(f"--merge: {path} ran on {rep['gpu']}, not {gpu}: only runs "
+                             "on one GPU model can share a table")
+        gpu = gpu or rep.get("gpu")
+        # a merged file keeps its own sources; a run file becomes one source
+        sources += rep.get("sources") or [{"file": os.path.basename(path),
+                                           "args": rep.get("args"),
+                                           "methods": rep.get("methods")}]
+        for r in rep["rows"]:
+            merged[(r["method"], r.get("context"), r.get("batch"))] = r
+    return {"gpu": gpu, "sources": sources, "rows": list(merged.values())}
 
 
 def table(rows) -> str:
@@ -270,4 +271,7 @@ def finish(report: dict, args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:       # a method's engine (run by main through the runner)
+        child_runner.main(child)
+    else:
+        main()

@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
+
+from vllm_dash.serving import child
 
 WORDS = ("the quick brown fox jumps over the lazy dog while seven wise owls count "
          "silver coins beside a quiet river under the old stone bridge").split()
@@ -33,7 +34,7 @@ def make_prompts(lengths):
 
 
 def run_engine(args, backend: str, dash: dict | None) -> dict:
-    """Child process: build one engine, generate, print one JSON line."""
+    """Child process: build one engine, generate; the result is the child's one row."""
     from vllm import LLM, SamplingParams
     kw = dict(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
               enforce_eager=args.device == "cpu", max_num_seqs=8,
@@ -66,18 +67,23 @@ def run_engine(args, backend: str, dash: dict | None) -> dict:
     return res
 
 
-def spawn(args, name, backend, dash):
-    cmd = [sys.executable, __file__, "--child", json.dumps({"backend": backend, "dash": dash}),
-           "--model", args.model, "--device", args.device, "--dtype", args.dtype,
-           "--max-model-len", str(args.max_model_len), "--max-tokens", str(args.max_tokens),
-           "--lengths", *map(str, args.lengths)]
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    for line in p.stdout.splitlines():
-        if line.startswith("E2E_RESULT "):
-            return json.loads(line[len("E2E_RESULT "):])
-    return {"backend": backend, "dash": dash, "error": (p.stderr or p.stdout)[-3000:],
-            "returncode": p.returncode}
+def spawn(args, backend, dash):
+    """One engine in a child process (vllm_dash.serving.child): its result, or an error."""
+    spec = {"backend": backend, "dash": dash,
+            "args": {k: getattr(args, k) for k in ("model", "device", "dtype", "max_model_len",
+                                                   "max_tokens", "lengths")}}
+    res = child.run([sys.executable, os.path.abspath(__file__), "--child"], spec,
+                    timeout=args.timeout, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    if res.rows:
+        return res.rows[0]
+    err, tail = res.error or "exit 0 without a result", res.log_tail(3000)
+    return {"backend": backend, "dash": dash, "returncode": res.returncode,
+            "error": tail if err.startswith("exit") else f"{err}\n{tail}"}
+
+
+def child_main(spec: dict) -> dict:
+    """The child process: ``spec`` = the engine (backend, DASH config) and the arguments."""
+    return run_engine(argparse.Namespace(**spec["args"]), spec["backend"], spec["dash"])
 
 
 def prefix_match(a, b):
@@ -100,16 +106,10 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[1200, 2500, 4100, 300])
     ap.add_argument("--sparse", default='{"score_scale": 3.0, "score_norm": "standardize"}')
     ap.add_argument("--timeout", type=float, default=420)
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.child:
-        spec = json.loads(args.child)
-        print("E2E_RESULT " + json.dumps(run_engine(args, spec["backend"], spec["dash"])),
-              flush=True)
-        return
     model_name = args.model
     if args.model is None:
         from vllm_dash.serving.models import make_tiny_llama
@@ -122,10 +122,10 @@ def main():
     base = "FLASH_ATTN" if args.device == "cuda" else "default"
     sparse = json.loads(args.sparse)
     sparse.setdefault("stats_interval", 1)
-    runs = {"baseline": spawn(args, "baseline", base, None),
-            "dash_dense": spawn(args, "dash_dense", "CUSTOM",
+    runs = {"baseline": spawn(args, base, None),
+            "dash_dense": spawn(args, "CUSTOM",
                                 {"score_scale": 0.0, "prior_weight": 0.0, "stats_interval": 1}),
-            "dash_sparse": spawn(args, "dash_sparse", "CUSTOM", sparse)}
+            "dash_sparse": spawn(args, "CUSTOM", sparse)}
     report = {"device": args.device, "model": model_name, "lengths": args.lengths,
               "max_tokens": args.max_tokens, "runs": runs}
     if args.device == "cuda":
@@ -155,4 +155,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:       # one engine (run by main through the runner)
+        child.main(child_main)
+    else:
+        main()
