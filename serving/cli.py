@@ -430,12 +430,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve_main(rest)
         if cmd == "config":
             return config_main(rest)
-        if cmd in ("eval", "calibrate"):
-            from vllm_dash.serving import eval as dash_eval
-            return (dash_eval.eval_main if cmd == "eval" else dash_eval.calibrate_main)(rest)
+        if cmd == "eval":
+            from vllm_dash.eval.harness import eval_main
+            return eval_main(rest)
+        if cmd == "calibrate":
+            from vllm_dash.eval.calibrate import calibrate_main
+            return calibrate_main(rest)
         if cmd == "eval-report":
-            from vllm_dash.serving import eval_report
-            return eval_report.main(rest)
+            from vllm_dash.eval import report
+            return report.main(rest)
     except BrokenPipeError:  # e.g. `vllm-dash config | head`
         sys.stdout = open(os.devnull, "w")
         return 0

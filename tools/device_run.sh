@@ -19,6 +19,7 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index . > "$O
   mkdir -p /tmp/shim/vllm_dash /tmp/shim/vllm_dash-0.dist-info
   cp vllm_dash/*.py /tmp/shim/vllm_dash/
   ln -sfn "$PWD/kernels" /tmp/shim/vllm_dash/kernels; ln -sfn "$PWD/serving" /tmp/shim/vllm_dash/serving
+  ln -sfn "$PWD/eval" /tmp/shim/vllm_dash/eval
   printf 'Metadata-Version: 2.1\nName: vllm-dash\nVersion: 0\n' > /tmp/shim/vllm_dash-0.dist-info/METADATA
   printf '[vllm.general_plugins]\ndash = vllm_dash:register\n' > /tmp/shim/vllm_dash-0.dist-info/entry_points.txt
   export PYTHONPATH=/tmp/shim${PYTHONPATH:+:$PYTHONPATH}
@@ -33,13 +34,13 @@ for step in "$@"; do
     tests)  log "gpu tests"; timeout 200 python3 -P -m pytest tests/gpu -q -rs -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; tail -3 "$OUT/gpu_tests.txt" | tee -a "$OUT/steps.log" ;;
     bench)  log "kernel bench"; timeout 240 python3 benchmarks/bench_kernels.py --select dash_select_hook:select --warmup 10 --rep 40 --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.txt" 2>&1; tail -2 "$OUT/bench_kernels.txt" | tee -a "$OUT/steps.log" ;;
     benchhnd) log "kernel bench, head-major layout (adds fa3-sparse)"; timeout 300 python3 benchmarks/bench_kernels.py --layout hnd --select dash_select_hook:select --warmup 10 --rep 40 --out "$OUT/bench_kernels_hnd.json" > "$OUT/bench_kernels_hnd.txt" 2>&1; tail -2 "$OUT/bench_kernels_hnd.txt" | tee -a "$OUT/steps.log" ;;
-    e2e)    log "vllm e2e"; unshare -n sh -c 'python3 tools/lo_up.py || exit 1; timeout 330 python3 benchmarks/vllm_e2e_check.py --device cuda --max-model-len 16384 --lengths 600 1500 3000 120 200 --timeout 150 --out "$0/e2e_gpu.json"' "$OUT" > "$OUT/e2e_gpu.txt" 2>&1; tail -30 "$OUT/e2e_gpu.txt" | tee -a "$OUT/steps.log" ;;
+    e2e)    log "vllm e2e"; unshare -n python3 serving/netns.py timeout 330 python3 benchmarks/vllm_e2e_check.py --device cuda --max-model-len 16384 --lengths 600 1500 3000 120 200 --timeout 150 --out "$OUT/e2e_gpu.json" > "$OUT/e2e_gpu.txt" 2>&1; tail -30 "$OUT/e2e_gpu.txt" | tee -a "$OUT/steps.log" ;;
     select) log "select bench"; timeout 120 python3 benchmarks/bench_select.py --out "$OUT/bench_select.json" > "$OUT/bench_select.txt" 2>&1; tail -20 "$OUT/bench_select.txt" | tee -a "$OUT/steps.log" ;;
-    serve)  log "gpu serve check"; unshare -n sh -c 'python3 tools/lo_up.py || exit 1; timeout 420 python3 tools/gpu_serve_check.py "$0"' "$OUT" > "$OUT/serve_gpu.txt" 2>&1; tail -25 "$OUT/serve_gpu.txt" | tee -a "$OUT/steps.log" ;;
+    serve)  log "gpu serve check"; unshare -n python3 serving/netns.py timeout 420 python3 tools/gpu_serve_check.py "$OUT" > "$OUT/serve_gpu.txt" 2>&1; tail -25 "$OUT/serve_gpu.txt" | tee -a "$OUT/steps.log" ;;
     e2ebench:*)
       m=${step#e2ebench:}; log "e2e bench $m"
       [ -f /tmp/llama8b/config.json ] || python3 .stage/tools/make_dummy_llama.py /tmp/llama8b --preset llama3-8b > "$OUT/make_llama.log" 2>&1
-      unshare -n sh -c 'python3 tools/lo_up.py || exit 1; timeout 570 python3 benchmarks/bench_e2e.py --model /tmp/llama8b --methods "$1" --timeout 330 --out "$0/e2e_bench.json" $2' "$OUT" "$m" "${E2E_ARGS:-}" > "$OUT/e2e_bench.txt" 2>&1; tail -25 "$OUT/e2e_bench.txt" | tee -a "$OUT/steps.log" ;;
+      unshare -n python3 serving/netns.py timeout 570 python3 benchmarks/bench_e2e.py --model /tmp/llama8b --methods "$m" --timeout 330 --out "$OUT/e2e_bench.json" ${E2E_ARGS:-} > "$OUT/e2e_bench.txt" 2>&1; tail -25 "$OUT/e2e_bench.txt" | tee -a "$OUT/steps.log" ;;
     ggpart:*)
       n=${step#ggpart:}; mkdir -p /tmp/gg; cp ".gg/p$n/part" "/tmp/gg/part$n"
       [ -d ".gg/p$n/pylib" ] && cp -r ".gg/p$n/pylib" /tmp/gg/ && cp ".gg/p$n/sha256" /tmp/gg/
@@ -52,7 +53,7 @@ for step in "$@"; do
       python3 -P -c "from vllm_dash.serving.models import default_model_dir as d; print(d())" 2>&1 | tail -3 | tee -a "$OUT/steps.log" ;;
     accuracy*)
       a=${step#accuracy}; a=${a#:}; log "accuracy $a"
-      unshare -n sh -c 'python3 tools/lo_up.py || exit 1; cd /tmp && timeout 500 python3 -P -m vllm_dash.serving.eval --out "$0/accuracy.json" $1' "$OUT" "$a" > "$OUT/accuracy.txt" 2>&1
+      unshare -n python3 serving/netns.py sh -c 'cd /tmp && exec timeout 500 python3 -P -m vllm_dash.eval --out "$0/accuracy.json" $1' "$OUT" "$a" > "$OUT/accuracy.txt" 2>&1
       tail -60 "$OUT/accuracy.txt" | tr '\r' '\n' | tail -60 | tee -a "$OUT/steps.log" ;;
   esac
 done

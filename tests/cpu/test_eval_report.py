@@ -1,4 +1,4 @@
-"""vllm_dash.serving.eval_report: DASH vs top-k at equal density, the default rule, merging of
+"""vllm_dash.eval.report: DASH vs top-k at equal density, the default rule, merging of
 eval reports; and the committed accuracy record agrees with DashConfig's defaults."""
 import gzip
 import json
@@ -7,8 +7,8 @@ import os
 import pytest
 
 from vllm_dash.config import DashConfig
+from vllm_dash.eval import report as er
 from vllm_dash.serving import cli
-from vllm_dash.serving import eval_report as er
 
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results")
 RECORD = os.path.join(RESULTS, "accuracy-smollm2-135m-instruct.json")

@@ -1,4 +1,4 @@
-"""Offline long-context task generator (vllm_dash.serving.eval_tasks), with a real tokenizer:
+"""Offline long-context task generator (vllm_dash.eval.tasks), with a real tokenizer:
 the byte-level BPE of the generated tiny Llama."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import models_fixtures
-from vllm_dash.serving import eval_tasks
+from vllm_dash.eval import tasks as eval_tasks
 
 tiny_llama_dir = models_fixtures.tiny_llama_dir
 
@@ -242,7 +242,7 @@ def test_bad_arguments(tok):
 
 
 def test_imports_neither_vllm_nor_torch():
-    code = ("import sys; from vllm_dash.serving import eval_tasks; "
+    code = ("import sys; from vllm_dash.eval import tasks as eval_tasks; "
             "print(sorted({'vllm', 'torch', 'transformers'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
