@@ -1,6 +1,7 @@
-"""`vllm-dash serve` on the GPU machine: the same scenario as tests/cpu/test_serving.py
-(tests/cpu/serving_scenario.py: OpenAI client, streaming, 50 concurrent requests, bad requests,
-/metrics, SIGTERM), with CUDA graphs on. Run inside `unshare -n` with loopback up.
+"""`vllm-dash serve` on the GPU machine: the same scenario as tests/e2e/test_serving.py
+(tests/e2e/serving_scenario.py, a child process of vllm_dash.serving.child: OpenAI client,
+streaming, 50 concurrent requests, bad requests, /metrics, SIGTERM), with CUDA graphs on. Run
+inside a private network namespace (`unshare -n python3 serving/netns.py ...`).
 
     python3 tools/gpu_serve_check.py OUTDIR [MODEL_DIR [SERVED_NAME]]
 
@@ -8,9 +9,10 @@ No MODEL_DIR: a generated tiny Llama (head_dim 128). Writes OUTDIR/serve_<name>.
 prints a one-screen summary; exit code 0 when every check the CPU test asserts holds."""
 import json
 import os
-import subprocess
 import sys
 import tempfile
+
+from vllm_dash.serving import child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -41,17 +43,13 @@ def main() -> int:
         "concurrent": {"n": 50, "max_tokens": [1, 3, 8, 16], "repeats": [1, 2, 5, 9]},
         "bad_requests": True, "metrics": True,
     }
-    spec_file = os.path.join(work, "spec.json")
-    with open(spec_file, "w") as f:
-        json.dump(spec, f)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cpu", "serving_scenario.py"),
-                        spec_file], capture_output=True, text=True, timeout=600,
-                       cwd=work)   # not the repo root: its vllm_dash/ would shadow the install
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("VLLM_DASH_RESULT ")]
-    if not lines:
-        print(p.stdout[-3000:], p.stderr[-3000:])
+    res = child.run([sys.executable, os.path.join(ROOT, "tests", "e2e", "serving_scenario.py")],
+                    spec, timeout=600,
+                    cwd=work)   # not the repo root: its vllm_dash/ would shadow the install
+    if not res.rows:
+        print(res.error, res.stdout[-3000:], res.stderr[-3000:])
         return 1
-    r = json.loads(lines[-1][len("VLLM_DASH_RESULT "):])
+    r = res.rows[-1]
     with open(os.path.join(out, f"serve_{name}.json"), "w") as f:
         json.dump(r, f, indent=1)
     c = r.get("checks", {})

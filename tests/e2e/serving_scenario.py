@@ -1,11 +1,11 @@
-"""One `vllm-dash serve` scenario, run as a script INSIDE a private network namespace
-(tests/cpu/netns.run_isolated) so that the server and its client share the namespace's
-loopback and nothing else:
+"""One `vllm-dash serve` scenario, run as a child process (vllm_dash.serving.child) INSIDE a
+private network namespace (e2e_helpers.run_isolated; tools/gpu_serve_check.py on the GPU
+machine) so that the server and its client share the namespace's loopback and nothing else:
 
     python serving_scenario.py spec.json
 
 start the server -> wait for /health -> client checks (OpenAI client, raw HTTP) -> SIGTERM
--> one line `VLLM_DASH_RESULT {json}` on stdout. Every loop and request is bounded in time.
+-> one result row. Every loop and request is bounded in time.
 The spec (JSON) has:
     server_cmd      the command that starts the server (a list; it must bind 127.0.0.1:port)
     port            its port
@@ -22,15 +22,14 @@ The spec (JSON) has:
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import traceback
 
-RESULT_PREFIX = "VLLM_DASH_RESULT "
+from vllm_dash.serving import child
+
 REQUEST_TIMEOUT_S = 120.0
 
 
@@ -221,8 +220,8 @@ def stop(proc, timeout: float = 30.0) -> dict:
     return {"returncode": rc, "seconds": time.monotonic() - t0, "killed": False}
 
 
-def main() -> None:
-    spec = json.load(open(sys.argv[1]))
+def scenario(spec: dict) -> dict:
+    """The scenario of the module docstring; returns the result row."""
     base = f"http://127.0.0.1:{spec['port']}"
     result: dict = {"checks": {}}
     t0 = time.monotonic()
@@ -259,8 +258,8 @@ def main() -> None:
             proc.kill()
             proc.wait()
     result["total_s"] = time.monotonic() - t0
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    child.main(scenario)
