@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 
+from common import gpu_name, write_json
 from vllm_dash.serving import child as child_runner
 
 # Two DASH densities. With dummy weights the standardized block scores are close to
@@ -193,8 +194,7 @@ def main():
         for r in rows:
             if r.get("method") == name:
                 print(json.dumps(r), flush=True)
-    import torch
-    report = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    report = {"gpu": gpu_name(None),
               "args": {k: v for k, v in vars(args).items() if k not in ("out", "model")},
               "methods": {m: DEFAULT_METHODS[m] for m in args.methods.split(",")}, "rows": rows}
     finish(report, args)
@@ -244,8 +244,7 @@ def finish(report: dict, args) -> None:
     text = table(rows)
     print(f"GPU: {report['gpu']}\n{text}")
     report["table"] = text.splitlines()
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(args.out, report)
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -33,101 +33,26 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import math
 import os
-import platform
-import statistics
-import time
 import traceback
 from typing import Callable, Optional
 
 import torch
 
-if not torch.cuda.is_available():          # CPU smoke run: Triton only runs interpreted
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import common
+from common import DTYPES, bench_ms, fa3_module, floats, gpu_name, hbm_peak_tbs, ints
+
+common.interpret_without_gpu()             # before the kernels import Triton
 from vllm_dash.kernels.decode import (DecodeWorkspace, choose_num_splits,  # noqa: E402
                                       fill_dense_selection, sparse_decode)
 from vllm_dash.kernels.params import DashParams  # noqa: E402
 from vllm_dash.kernels.fa_tables import (compact_head_major_tables,  # noqa: E402
                                          head_major_page_view, queries_as_groups)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 # --------------------------------------------------------------------------------------
-# device facts and timing
+# selection hook
 # --------------------------------------------------------------------------------------
-def gpu_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def hbm_peak_tbs(name: str) -> Optional[float]:
-    n = name.upper()
-    if "H200" in n:
-        return 4.8
-    if "H100" in n:
-        return 2.0 if "PCIE" in n else 3.35
-    return None
-
-
-def bench_ms(fn: Callable[[], None], warmup: int, rep: int) -> float:
-    """Median latency in ms. On CUDA: triton.testing.do_bench (L2 flushed before every run)
-    of a CUDA-graph replay of ``fn`` (what vLLM's decode runs; no Python launch overhead in
-    the number), or of ``fn`` itself with --no-graph or when capture fails. On CPU: a few
-    perf_counter runs (smoke only). The mode used is left in ``bench_ms.last_mode``."""
-    if torch.cuda.is_available():
-        import triton.testing
-        fn()                                              # compile / autotune outside capture
-        torch.cuda.synchronize()
-        target, bench_ms.last_mode = fn, "eager"
-        if bench_ms.use_graph:
-            try:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    fn()
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    fn()
-                graph.replay()
-                torch.cuda.synchronize()
-                target, bench_ms.last_mode = graph.replay, "cuda-graph"
-            except Exception as e:  # noqa: BLE001 - not capturable: time it eagerly
-                torch.cuda.synchronize()
-                bench_ms.last_mode = f"eager (capture failed: {type(e).__name__})"
-        return float(triton.testing.do_bench(target, warmup=warmup, rep=rep,
-                                             return_mode="median"))
-    bench_ms.last_mode = "cpu"
-    fn()
-    ts = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
-
-
-bench_ms.use_graph = True
-bench_ms.last_mode = None
-
-
-def fa3_module():
-    """vLLM's flash_attn_varlen_func, or the reason it is unavailable."""
-    try:
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-        try:
-            from vllm.vllm_flash_attn.flash_attn_interface import FA3_AVAILABLE
-            if not FA3_AVAILABLE:
-                return None, "unavailable: FA3_AVAILABLE is False"
-        except ImportError:
-            pass
-        return flash_attn_varlen_func, None
-    except Exception as e:  # noqa: BLE001 - any import failure means 'unavailable'
-        return None, f"unavailable: {type(e).__name__}: {e}"
-
-
 def load_select(spec: Optional[str]):
     if not spec:
         return None
@@ -353,14 +278,6 @@ def run_config(*, Hq, Hk, batch, ctx, D, B, dtype, densities, prior_weight, num_
 # --------------------------------------------------------------------------------------
 # driver
 # --------------------------------------------------------------------------------------
-def ints(s):
-    return [int(x) for x in s.split(",") if x]
-
-
-def floats(s):
-    return [float(x) for x in s.split(",") if x]
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=ints, default=[4096, 16384, 32768, 65536, 131072])
@@ -490,14 +407,11 @@ def run(args=None, select_fn: Optional[Callable] = None):
 
 def _write_json(args, rows, name, peak, fa3, fa3_reason, png_status):
     """Rewritten after every configuration, so a run cut short keeps what it measured."""
-    meta = dict(gpu=name, hbm_peak_tb_per_s=peak, torch=torch.__version__,
-                triton=__import__("triton").__version__, python=platform.python_version(),
+    meta = dict(gpu=name, hbm_peak_tb_per_s=peak, **common.versions(),
                 fa3="available" if fa3 else fa3_reason, png=png_status,
                 bytes_model="K+V of the attended tokens + q + out (metadata, workspace excluded)",
                 args={k: v for k, v in vars(args).items()})
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    common.write_json(args.out, dict(meta=meta, rows=rows))
 
 
 if __name__ == "__main__":

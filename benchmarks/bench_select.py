@@ -10,14 +10,12 @@ Prints a table and writes JSON to --out.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 
 import torch
 import triton
 
+import common
 from vllm_dash.kernels.params import DashParams
 from vllm_dash.kernels.select import SelectWorkspace, select_blocks_paged
 
@@ -61,17 +59,7 @@ def run_case(name, S, Hq, Hk, B, ctx, kw, D=128, dtype=torch.bfloat16, seed=0):
                             out_block_ids=ids, out_log_prior=lp, out_counts=cnt,
                             workspace=ws, block_size=B, params=params)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()                                          # compile + warm up
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph = common.capture_graph(call)                  # compiles and warms up first
     us = triton.testing.do_bench(graph.replay, warmup=50, rep=300,
                                  return_mode="median") * 1000.0
     density = float(cnt.float().mean()) / nmax
@@ -96,11 +84,8 @@ def main():
         rows.append(r)
         print(f"{r['name']:40s} {r['n_blocks']:8d} {r['us']:9.1f} {r['mean_count']:8.1f} "
               f"{r['density']:8.3f}", flush=True)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, python=platform.python_version())
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, results=rows), f, indent=1)
+    meta = dict(device=common.gpu_name(), **common.versions())
+    common.write_json(args.out, dict(meta=meta, results=rows))
     print(f"wrote {args.out}")
 
 

@@ -20,20 +20,20 @@ layer, and DASH / FA3. Writes a table to stdout and JSON to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 
 import torch
 
-# bench_kernels sets TRITON_INTERPRET on a machine without a GPU, before Triton is imported
-from bench_kernels import bench_ms, fa3_module, gpu_name, ints
-from vllm_dash import layout
-from vllm_dash.kernels.decode import DecodeWorkspace, choose_num_splits, sparse_decode
-from vllm_dash.kernels.params import DashParams
-from vllm_dash.kernels.select import SelectWorkspace, select_blocks_paged
-from vllm_dash.kernels.summaries import write_kv_and_summaries
+import common
+from common import bench_ms, fa3_module, gpu_name, ints
+
+common.interpret_without_gpu()             # before the kernels import Triton
+from vllm_dash import layout  # noqa: E402
+from vllm_dash.kernels.decode import DecodeWorkspace, choose_num_splits, sparse_decode  # noqa: E402
+from vllm_dash.kernels.params import DashParams  # noqa: E402
+from vllm_dash.kernels.select import SelectWorkspace, select_blocks_paged  # noqa: E402
+from vllm_dash.kernels.summaries import write_kv_and_summaries  # noqa: E402
 
 
 def dash_caches(L, nb, Hk, B, D, dtype, device):
@@ -182,10 +182,9 @@ def main():
         ratio = f"{r['us_per_layer'] / fa:.2f}x" if fa else "-"
         print(f"{r['context']:>8} {r['batch']:>5} {r['method']:<12} {r['us_per_layer']:>9.2f} "
               f"{ratio:>7} {r.get('density', float('nan')):>7.3f}")
-    with open(a.out, "w") as f:
-        json.dump({"gpu": name, "torch": torch.__version__, "python": platform.python_version(),
-                   "args": dict(vars(a), out=os.path.basename(a.out)),
-                   "fa3": fa3_reason or "available", "rows": rows}, f, indent=1)
+    common.write_json(a.out, {"gpu": name, **common.versions(),
+                              "args": dict(vars(a), out=os.path.basename(a.out)),
+                              "fa3": fa3_reason or "available", "rows": rows})
 
 
 if __name__ == "__main__":

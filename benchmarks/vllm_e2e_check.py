@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 
+from common import gpu_name, write_json
 from vllm_dash.serving import child
 
 WORDS = ("the quick brown fox jumps over the lazy dog while seven wise owls count "
@@ -108,8 +109,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=420)
     args = ap.parse_args()
     if args.device is None:
-        import torch
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = "cpu" if gpu_name(None) is None else "cuda"
     model_name = args.model
     if args.model is None:
         from vllm_dash.serving.models import make_tiny_llama
@@ -129,8 +129,7 @@ def main():
     report = {"device": args.device, "model": model_name, "lengths": args.lengths,
               "max_tokens": args.max_tokens, "runs": runs}
     if args.device == "cuda":
-        import torch
-        report["gpu"] = torch.cuda.get_device_name(0)
+        report["gpu"] = gpu_name()
     ok = all("tokens" in r for r in runs.values())
     if ok:
         b = runs["baseline"]["tokens"]
@@ -142,10 +141,8 @@ def main():
         dens_dense = [v["density"] for v in runs["dash_dense"].get("stats", {}).values()]
         report["dense_density_per_layer"] = dens_dense
     report["ok"] = ok
-    text = json.dumps(report, indent=1)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        write_json(args.out, report)
     summary = {k: report.get(k) for k in ("device", "gpu", "dense_equivalent",
                                           "sparse_density_per_layer", "dense_density_per_layer", "ok")}
     for name, r in runs.items():

@@ -1,5 +1,6 @@
 """benchmarks/bench_step.py on CPU (Triton interpreter, tiny shapes): the per-layer step
-benchmark runs every DASH part, reports a density and writes its JSON."""
+benchmark runs every DASH part, reports a density and writes its JSON. Run as the
+benchmarks are run (benchmarks/common.py: `python benchmarks/<name>.py`, from any folder)."""
 import json
 import os
 import subprocess
@@ -11,11 +12,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_bench_step_smoke(tmp_path):
     out = tmp_path / "step.json"
     r = subprocess.run(
-        [sys.executable, "bench_step.py", "--contexts", "256", "--batches", "2", "--layers",
-         "2", "--heads", "4/2", "--head-size", "32", "--block-size", "16", "--max-model-len",
-         "1024", "--dense-below", "128", "--score-scale", "3", "--rep", "1", "--warmup", "1",
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_step.py"),
+         "--contexts", "256", "--batches", "2", "--layers", "2", "--heads", "4/2",
+         "--head-size", "32", "--block-size", "16", "--max-model-len", "1024",
+         "--dense-below", "128", "--score-scale", "3", "--rep", "1", "--warmup", "1",
          "--out", str(out)],
-        cwd=os.path.join(ROOT, "benchmarks"), capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env=dict(os.environ, TRITON_INTERPRET="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dash-select" in r.stdout and "FA3 no GPU" in r.stdout
