@@ -5,7 +5,7 @@ since vLLM 0.26 listens on all interfaces (docs/design.md §8.3).
     run_isolated(cmd, spec, env=engine_env(cache_root), timeout=VLLM_TIMEOUT_S)
     run_vllm(tmp_path, cache_root, spec)        # offline generation (generate_child.py)
 
-Fixtures (models, the vLLM cache) are in conftest.py.
+Fixtures (models, the vLLM cache) are in tests/conftest.py.
 """
 from __future__ import annotations
 
