@@ -18,18 +18,11 @@ lists every block with log-prior 0.
      over CHUNK blocks at a time with ``tl.dot`` (the G rows padded to 16; fp32
      inputs, "tf32x3" precision: three TF32 tensor-core products, fp32-level accuracy,
      measured |dz|/max|z| ~5e-7 on H200), stored to the workspace [S, Hq, n_max].
-  K2 threshold, grid (S, Hq), one program per query head. When the capacity's row fits
-     ``_RESIDENT_MAX`` blocks the head's whole row stays in registers; otherwise the same
-     steps are passes over tiles of the row in global memory (L1/L2):
-       * z = score_scale * u, or score_scale * (u - mean) / std (population std, floored
-         at reference.STD_EPS), written back in place;
-       * the alpha-entmax threshold: at most ``ENTMAX_ITERS`` safeguarded Newton steps
-         from the left end of the threshold's bracket (argued in kernels/entmax.py); the
-         probabilities p_h, normalised by the last pass's sum, are written;
-       * min_blocks floor: the k-th largest z (k = min(min_blocks, n)), found exactly over
-         the order-preserving int32 image of the fp32 z (a radix select in registers, a
-         32-step bisection over tiles), the ties at the threshold taken from the lowest
-         block id (prefix count); the per-head floor flags are written (int8).
+  K2 threshold, grid (S, Hq), one program per query head, its row in registers when the
+     capacity fits ``_RESIDENT_MAX`` blocks, else passes over tiles in global memory (L1/L2);
+     the bodies and their arguments are in kernels/entmax.py: z (score_scale * u, or
+     standardized) written back in place, the head's entmax probabilities p_h and its
+     min_blocks floor flags (the k = min(min_blocks, n) largest z, ties to the lowest id).
   K3a group: pbar = mean over the group of p_h (summed head by head), the forced / floor
      (any head) / selected flags and, for the cap, the group-mean z. When the row fits
      registers K3b computes them itself (one launch fewer: in a CUDA-graph decode step
@@ -40,14 +33,14 @@ lists every block with log-prior 0.
      max pbar; the max_blocks cap: forced blocks always stay (the argument check guarantees
      room); the other selected blocks are ranked by (pbar, group-mean z, -block id) — the
      same order as the reference's two stable sorts — and the top ``max_blocks - #forced``
-     are kept, found by two exact 32-step bisections (pbar, then group score among the pbar
-     ties) and a prefix count for the last ties (only when the cap binds); then the
-     compaction in ascending logical order (prefix sums) with the log priors and counts.
+     are kept, found by two exact k-th largest searches (pbar, then group score among the
+     pbar ties; kernels/entmax.py) and a prefix count for the last ties (only when the cap
+     binds); then the compaction in ascending logical order (prefix sums) with the log
+     priors and counts.
 
-Performance: the previous single-launch version (grid (S, Hk), every pass a serial loop
-over global scratch) measured on an H200 (CUDA-graph replay, D=128): 32/8 heads B=64
-1 x 128K 125 us, 8 x 32K 66 us; 32/2 heads 1 x 128K with floor + cap 518 us; 4 x 64K B=16
-G=16 with standardize + floor 1.1 ms. This version: see benchmarks/bench_select.py.
+Performance: the previous single-launch version (every pass a serial loop over global
+scratch) took 125 us for 32/8 heads B=64 1 x 128K on an H200; this one: see
+benchmarks/bench_select.py.
 """
 from __future__ import annotations
 
@@ -60,15 +53,11 @@ import triton.language as tl
 
 from . import reference as ref
 from .checks import check_heads, check_output, check_select
-from .entmax import (ENTMAX_ITERS, _entmax_terms, _kth_largest, _newton_step, _skey,
-                     _sum2)
+from .entmax import (ENTMAX_ITERS, _cap_keep, _kth_largest, _kth_largest_tiled, _skey,
+                     _threshold_resident, _threshold_tiled)
 from .params import DashParams
 
-__all__ = [
-    "ENTMAX_ITERS",
-    "SelectWorkspace",
-    "select_blocks_paged",
-]
+__all__ = ["ENTMAX_ITERS", "SelectWorkspace", "select_blocks_paged"]
 
 _BISECT_STEPS = 32          # exact k-th largest over the 2^32 int32 keys
 #: Rows of up to this many blocks (capacity, rounded up to a power of two) stay in
@@ -81,9 +70,7 @@ _K1_PROGRAMS_PER_SM = 8     # K1 grid size: see _score_programs
 _TINY = float(torch.finfo(torch.float32).tiny)
 
 
-# --------------------------------------------------------------------------------------
-# kernel helpers
-# --------------------------------------------------------------------------------------
+# ---- kernel helpers --------------------------------------------------------------------
 @triton.jit
 def _active(lens_ptr, s, block_size, dense_below):
     L = tl.maximum(tl.load(lens_ptr + s).to(tl.int32), 0)
@@ -91,15 +78,30 @@ def _active(lens_ptr, s, block_size, dense_below):
     return n, (L >= dense_below) & (n > 0)
 
 
-# --------------------------------------------------------------------------------------
-# K1: scores, grid (S, Hk, chunks)
-# --------------------------------------------------------------------------------------
+@triton.jit
+def _emit(c, cm, fl, keep, pbar, pnorm, pos0, bt_row, stride_btb, ids_row, stride_ib, lp_row,
+          stride_lb, PRIOR_MAX: tl.constexpr, TINY: tl.constexpr):
+    """Append the kept blocks of one tile at positions pos0, pos0 + 1, ... (prefix sums):
+    physical id and log prior (0 for forced / floor blocks; pbar / pnorm with PRIOR_MAX).
+    Returns the next position."""
+    if PRIOR_MAX:
+        prior = pbar / pnorm
+    else:
+        prior = pbar
+    logp = tl.where((fl & 6) != 0, 0.0, tl.log(tl.maximum(tl.where(keep, prior, 1.0), TINY)))
+    kint = keep.to(tl.int32)
+    pos = pos0 + tl.cumsum(kint, 0) - 1
+    pid = tl.load(bt_row + c * stride_btb, mask=cm, other=0)
+    tl.store(ids_row + pos * stride_ib, pid.to(tl.int32), mask=keep)
+    tl.store(lp_row + pos * stride_lb, logp, mask=keep)
+    return pos0 + tl.sum(kint, 0)
+
+
+# ---- K1: scores, grid (S, Hk, chunks) --------------------------------------------------
 @triton.jit
 def _scores_kernel(
     q_ptr, summ_ptr, bt_ptr, lens_ptr, u_ptr,
-    stride_qs, stride_qh, stride_qd,
-    stride_sb, stride_sh, stride_sd,
-    stride_bts, stride_btb,
+    stride_qs, stride_qh, stride_qd, stride_sb, stride_sh, stride_sd, stride_bts, stride_btb,
     stride_us, stride_uh,
     scale, block_size, dense_below, nprog,
     G: tl.constexpr, G_DOT: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
@@ -129,9 +131,7 @@ def _scores_kernel(
                      + c[None, :], u, mask=(gd < G)[:, None] & cm[None, :])
 
 
-# --------------------------------------------------------------------------------------
-# K2: per query head z, entmax threshold, p, floor flags; grid (S, Hq)
-# --------------------------------------------------------------------------------------
+# ---- K2: per query head z, entmax threshold, p, floor flags; grid (S, Hq) --------------
 @triton.jit
 def _threshold_kernel(
     u_ptr, p_ptr, fl_ptr, lens_ptr,
@@ -152,159 +152,27 @@ def _threshold_kernel(
         frow = fl_ptr + s.to(tl.int64) * stride_fs + h * stride_fh
         hi = -tl.exp2(-am1 * tl.log2(nf))          # right end of the bracket: f(hi) <= 0
         kf = tl.minimum(min_blocks, n)
-        # (no loop-carried name may be initialised as an alias of another, e.g.
-        # `tau_ev = tau`: with Triton 3.6 on the GPU it then keeps its entry value)
-        tau = tl.full([], -1.0, tl.float32)
-        tau_ev = tl.full([], -1.0, tl.float32)
-        F_ev = tl.full([], 1.0, tl.float32)
-        lo = tl.full([], -2147483648, tl.int64)
-        cnt_hi = tl.full([], 0, tl.int32)
-        width = tl.full([], 1 << 32, tl.int64)
         if RESIDENT:
-            # ---- the whole row in registers ------------------------------------------
-            c = tl.arange(0, BLOCK)
-            cm = c < n
-            u = tl.load(urow + c, mask=cm, other=0.0)
-            if STANDARDIZE:
-                mean = tl.sum(u, 0) / nf
-                dv = tl.where(cm, u - mean, 0.0)
-                std = tl.maximum(tl.sqrt(tl.sum(dv * dv, 0) / nf), STD_EPS)
-                z = score_scale * (u - mean) / std
-            else:
-                z = score_scale * u
-            tl.store(urow + c, z, mask=cm)
-            ymax = tl.max(tl.where(cm, z, float("-inf")), 0) * am1
-            # the iteration is a deterministic map tau -> step(tau): once a step returns
-            # its input every later pass would repeat it, so stopping there is exact
-            if ENTMAX:
-                it = tl.full([], 0, tl.int32)
-                moving = tl.full([], 1, tl.int32)
-                while (it < N_ITER) & (moving != 0):
-                    pw, pw1 = _entmax_terms(z, cm, ymax, tau, am1, r, POW_MODE)
-                    F, S1 = _sum2(pw, pw1)
-                    tau_ev = tau
-                    F_ev = F
-                    nxt = _newton_step(tau, F, S1, hi, am1, POW_MODE, TINY)
-                    moving = (nxt != tau).to(tl.int32)
-                    tau = nxt
-                    it += 1
-                pw, pw1 = _entmax_terms(z, cm, ymax, tau_ev, am1, r, POW_MODE)
-                tl.store(prow + c, pw / tl.maximum(F_ev, TINY), mask=cm)
-            else:                                   # top-k: no entmax support
-                tl.store(prow + c, tl.zeros([BLOCK], tl.float32), mask=cm)
-            if HAS_MIN:
-                key = _skey(z)
-                if kf < n:
-                    thr, cnt_gt = _kth_largest(key, cm, kf, RADIX)   # kf-th largest key
-                    need = kf - cnt_gt               # ties at thr taken, lowest ids first
-                    eq = cm & (key == thr)
-                    cum = tl.cumsum(eq.to(tl.int32), 0)
-                    flo = cm & ((key > thr) | (eq & (cum <= need)))
-                else:
-                    flo = cm
-                tl.store(frow + c, flo.to(tl.int8), mask=cm)
+            _threshold_resident(urow, prow, frow, n, nf, kf, hi, score_scale, am1, r, N_ITER,
+                                POW_MODE, STANDARDIZE, HAS_MIN, BLOCK, RADIX, STD_EPS, TINY,
+                                ENTMAX)
         else:
-            # ---- tiled fallback: passes over the row in global memory ------------------
-            mean = 0.0
-            std = 1.0
-            if STANDARDIZE:
-                acc = tl.zeros([BLOCK], tl.float32)
-                for start in range(0, n, BLOCK):
-                    c = start + tl.arange(0, BLOCK)
-                    acc += tl.load(urow + c, mask=c < n, other=0.0)
-                mean = tl.sum(acc, 0) / nf
-                acc = tl.zeros([BLOCK], tl.float32)
-                for start in range(0, n, BLOCK):
-                    c = start + tl.arange(0, BLOCK)
-                    cm = c < n
-                    dv = tl.where(cm, tl.load(urow + c, mask=cm, other=0.0) - mean, 0.0)
-                    acc += dv * dv
-                std = tl.maximum(tl.sqrt(tl.sum(acc, 0) / nf), STD_EPS)
-            zmax_t = tl.full([BLOCK], float("-inf"), tl.float32)
-            for start in range(0, n, BLOCK):
-                c = start + tl.arange(0, BLOCK)
-                cm = c < n
-                u = tl.load(urow + c, mask=cm, other=0.0)
-                if STANDARDIZE:
-                    z = score_scale * (u - mean) / std
-                else:
-                    z = score_scale * u
-                tl.store(urow + c, z, mask=cm)
-                zmax_t = tl.maximum(zmax_t, tl.where(cm, z, float("-inf")))
-            tl.debug_barrier()
-            ymax = tl.max(zmax_t, 0) * am1
-            it = tl.full([], 0, tl.int32)
-            moving = tl.full([], 1, tl.int32)
-            if not ENTMAX:                             # top-k: no threshold passes
-                moving = tl.full([], 0, tl.int32)
-            while (it < N_ITER) & (moving != 0):      # exact early exit: see above
-                Fa = tl.zeros([BLOCK], tl.float32)
-                Sa = tl.zeros([BLOCK], tl.float32)
-                for start in range(0, n, BLOCK):
-                    c = start + tl.arange(0, BLOCK)
-                    cm = c < n
-                    z = tl.load(urow + c, mask=cm, other=0.0)
-                    pw, pw1 = _entmax_terms(z, cm, ymax, tau, am1, r, POW_MODE)
-                    Fa += pw
-                    Sa += pw1
-                F, S1 = _sum2(Fa, Sa)
-                tau_ev = tau
-                F_ev = F
-                nxt = _newton_step(tau, F, S1, hi, am1, POW_MODE, TINY)
-                moving = (nxt != tau).to(tl.int32)
-                tau = nxt
-                it += 1
-            Fz = tl.maximum(F_ev, TINY)
-            for start in range(0, n, BLOCK):
-                c = start + tl.arange(0, BLOCK)
-                cm = c < n
-                if ENTMAX:
-                    z = tl.load(urow + c, mask=cm, other=0.0)
-                    pw, pw1 = _entmax_terms(z, cm, ymax, tau_ev, am1, r, POW_MODE)
-                    tl.store(prow + c, pw / Fz, mask=cm)
-                else:                                   # top-k: no entmax support
-                    tl.store(prow + c, tl.zeros([BLOCK], tl.float32), mask=cm)
-            if HAS_MIN:
-                thr = tl.full([], -2147483648, tl.int32)
-                need = tl.full([], 0, tl.int32)
-                if kf < n:
-                    for it in range(BISECT):
-                        width = width // 2
-                        mid = lo + width
-                        acc_c = tl.zeros([BLOCK], tl.int32)
-                        for start in range(0, n, BLOCK):
-                            c = start + tl.arange(0, BLOCK)
-                            cm = c < n
-                            z = tl.load(urow + c, mask=cm, other=0.0)
-                            acc_c += (cm & (_skey(z) >= mid.to(tl.int32))).to(tl.int32)
-                        cnt = tl.sum(acc_c, 0)
-                        ge = cnt >= kf
-                        lo = tl.where(ge, mid, lo)
-                        cnt_hi = tl.where(ge, cnt_hi, cnt)
-                    thr = lo.to(tl.int32)
-                    need = kf - cnt_hi
-                carry = tl.full([], 0, tl.int32)
-                for start in range(0, n, BLOCK):
-                    c = start + tl.arange(0, BLOCK)
-                    cm = c < n
-                    key = _skey(tl.load(urow + c, mask=cm, other=0.0))
-                    eq = cm & (key == thr)
-                    cum = tl.cumsum(eq.to(tl.int32), 0) + carry
-                    carry += tl.sum(eq.to(tl.int32), 0)
-                    flo = cm & ((kf >= n) | (key > thr) | (eq & (cum <= need)))
-                    tl.store(frow + c, flo.to(tl.int8), mask=cm)
+            _threshold_tiled(urow, prow, frow, n, nf, kf, hi, score_scale, am1, r, N_ITER,
+                             POW_MODE, STANDARDIZE, HAS_MIN, BLOCK, BISECT, STD_EPS, TINY,
+                             ENTMAX)
 
 
-# --------------------------------------------------------------------------------------
-# K3a: per KV head pbar, flags, group score; grid (S, Hk, chunks)
-# --------------------------------------------------------------------------------------
+# ---- K3a: per KV head pbar, flags, group score; grid (S, Hk, chunks) -------------------
 @triton.jit
-def _group_values(z_row, p_row, f_row, stride_zh, stride_ph, stride_fh, c, cm, n,
-                  sink_blocks, local_blocks,
+def _group_values(z_ptr, p_ptr, f_ptr, s64, kvh, stride_zs, stride_zh, stride_ps, stride_ph,
+                  stride_fs, stride_fh, c, cm, n, sink_blocks, local_blocks,
                   G: tl.constexpr, HAS_MIN: tl.constexpr, HAS_CAP: tl.constexpr):
     """For blocks ``c`` of one (sequence, KV head): pbar (mean of the G heads' p, summed
     head by head in order), flags (1 selected, 2 forced, 4 floor of any head) and, with a
-    cap, the group-mean z. ``*_row`` point at the group's first head."""
+    cap, the group-mean z, from the workspace rows of the group's heads."""
+    z_row = z_ptr + s64 * stride_zs + kvh * G * stride_zh
+    p_row = p_ptr + s64 * stride_ps + kvh * G * stride_ph
+    f_row = f_ptr + s64 * stride_fs + kvh * G * stride_fh
     pbar = tl.zeros(c.shape, tl.float32)
     gs = tl.zeros(c.shape, tl.float32)
     floor = c < 0
@@ -339,12 +207,9 @@ def _group_kernel(
         c = start + tl.arange(0, CHUNK)
         cm = c < n
         s64 = s.to(tl.int64)
-        pbar, flags, gs = _group_values(
-            z_ptr + s64 * stride_zs + kvh * G * stride_zh,
-            p_ptr + s64 * stride_ps + kvh * G * stride_ph,
-            fl_ptr + s64 * stride_fs + kvh * G * stride_fh,
-            stride_zh, stride_ph, stride_fh, c, cm, n, sink_blocks, local_blocks,
-            G=G, HAS_MIN=HAS_MIN, HAS_CAP=HAS_CAP)
+        pbar, flags, gs = _group_values(z_ptr, p_ptr, fl_ptr, s64, kvh, stride_zs, stride_zh,
+                                        stride_ps, stride_ph, stride_fs, stride_fh, c, cm, n,
+                                        sink_blocks, local_blocks, G, HAS_MIN, HAS_CAP)
         gw = gw_ptr + s64 * stride_gs + kvh * stride_gh
         tl.store(gw + c, pbar, mask=cm)
         tl.store(gw + stride_gr + c, flags.to(tl.float32), mask=cm)
@@ -352,17 +217,105 @@ def _group_kernel(
             tl.store(gw + 2 * stride_gr + c, gs, mask=cm)
 
 
-# --------------------------------------------------------------------------------------
-# K3b: cap and compaction; grid (S, Hk)
-# --------------------------------------------------------------------------------------
+# ---- K3b: cap and compaction; grid (S, Hk) ---------------------------------------------
+@triton.jit
+def _compact_resident(z_ptr, p_ptr, fl_ptr, s64, kvh, stride_zs, stride_zh, stride_ps,
+                      stride_ph, stride_fs, stride_fh, n, max_blocks, sink_blocks,
+                      local_blocks, bt_row, stride_btb, ids_row, stride_ib, lp_row, stride_lb,
+                      BLOCK: tl.constexpr, PRIOR_MAX: tl.constexpr, HAS_CAP: tl.constexpr,
+                      RADIX: tl.constexpr, TINY: tl.constexpr, G: tl.constexpr,
+                      HAS_MIN: tl.constexpr):
+    """K3b with the row in registers: K3a's group values computed here (no group launch),
+    the cap by two radix selects. Returns the count."""
+    c = tl.arange(0, BLOCK)
+    cm = c < n
+    pbar, fl, gsc = _group_values(z_ptr, p_ptr, fl_ptr, s64, kvh, stride_zs, stride_zh,
+                                  stride_ps, stride_ph, stride_fs, stride_fh, c, cm, n,
+                                  sink_blocks, local_blocks, G, HAS_MIN, HAS_CAP)
+    sel = cm & ((fl & 1) != 0)
+    forced = (fl & 2) != 0
+    keep = sel
+    if HAS_CAP:
+        cand = sel & (~forced)
+        n_cand = tl.sum(cand.to(tl.int32), 0)
+        ke = tl.minimum(tl.maximum(max_blocks - tl.sum(forced.to(tl.int32), 0), 0), n_cand)
+        if ke < n_cand:     # else every candidate is kept
+            kp = _skey(pbar)
+            kg = _skey(gsc)
+            # level 1: the ke-th largest pbar key among the candidates; level 2: among
+            # its ties, the (ke - c1)-th largest group score
+            k1, c1 = _kth_largest(kp, cand, ke, RADIX)
+            need1 = ke - c1
+            k2, c2 = _kth_largest(kg, cand & (kp == k1), need1, RADIX)
+            keep, carry = _cap_keep(sel, forced, kp, kg, k1, k2, need1 - c2, 1, 0)
+    pnorm = tl.maximum(tl.max(pbar, 0), TINY)
+    return _emit(c, cm, fl, keep, pbar, pnorm, 0, bt_row, stride_btb, ids_row, stride_ib,
+                 lp_row, stride_lb, PRIOR_MAX, TINY)
+
+
+@triton.jit
+def _compact_tiled(gw_p, stride_gr, n, max_blocks, bt_row, stride_btb, ids_row, stride_ib,
+                   lp_row, stride_lb, BLOCK: tl.constexpr, PRIOR_MAX: tl.constexpr,
+                   HAS_CAP: tl.constexpr, BISECT: tl.constexpr, TINY: tl.constexpr):
+    """K3b as passes over tiles of K3a's group values (pbar at ``gw_p``, then the flags and
+    the group score ``stride_gr`` apart): max pbar and the cap's counts, two bisections
+    when the cap binds, then the compaction. Returns the count."""
+    gw_f = gw_p + stride_gr                                 # flags: 1 sel, 2 forced, 4 floor
+    gw_g = gw_p + 2 * stride_gr                             # group-mean z (cap only)
+    pmax_t = tl.zeros([BLOCK], tl.float32)
+    nf_t = tl.zeros([BLOCK], tl.int32)
+    nc_t = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, n, BLOCK):
+        c = start + tl.arange(0, BLOCK)
+        cm = c < n
+        fl = tl.load(gw_f + c, mask=cm, other=0.0).to(tl.int32)
+        pmax_t = tl.maximum(pmax_t, tl.load(gw_p + c, mask=cm, other=0.0))
+        nf_t += ((fl & 2) != 0).to(tl.int32)
+        nc_t += ((fl & 3) == 1).to(tl.int32)
+    k1 = tl.full([], -2147483648, tl.int32)
+    k2 = tl.full([], -2147483648, tl.int32)
+    need2 = tl.full([], 0, tl.int32)
+    capped = tl.full([], 0, tl.int32)
+    if HAS_CAP:
+        n_cand = tl.sum(nc_t, 0)
+        ke = tl.minimum(tl.maximum(max_blocks - tl.sum(nf_t, 0), 0), n_cand)
+        if ke < n_cand:
+            capped = tl.full([], 1, tl.int32)
+            k1, c1 = _kth_largest_tiled(gw_p, gw_f, gw_p, 0, n, ke, BLOCK, BISECT, True, False)
+            need1 = ke - c1
+            k2, c2 = _kth_largest_tiled(gw_g, gw_f, gw_p, k1, n, need1, BLOCK, BISECT, True, True)
+            need2 = need1 - c2
+    pos0 = tl.full([], 0, tl.int32)
+    tie_carry = tl.full([], 0, tl.int32)
+    pnorm = tl.maximum(tl.max(pmax_t, 0), TINY)
+    for start in range(0, n, BLOCK):
+        c = start + tl.arange(0, BLOCK)
+        cm = c < n
+        fl = tl.load(gw_f + c, mask=cm, other=0.0).to(tl.int32)
+        pbar = tl.load(gw_p + c, mask=cm, other=0.0)
+        keep = cm & ((fl & 1) != 0)
+        if HAS_CAP:
+            kg = _skey(tl.load(gw_g + c, mask=cm, other=0.0))
+            keep, tie_carry = _cap_keep(keep, (fl & 2) != 0, _skey(pbar), kg, k1, k2, need2,
+                                        capped, tie_carry)
+        pos0 = _emit(c, cm, fl, keep, pbar, pnorm, pos0, bt_row, stride_btb, ids_row,
+                     stride_ib, lp_row, stride_lb, PRIOR_MAX, TINY)
+    return pos0
+
+
+@triton.jit
+def _store_count(cnt_ptr, cnt2_ptr, s, kvh, stride_cs, stride_ch, stride_c2s, stride_c2h, count,
+                 COPY_COUNTS: tl.constexpr):
+    tl.store(cnt_ptr + s * stride_cs + kvh * stride_ch, count)
+    if COPY_COUNTS:             # the backend's statistics buffer
+        tl.store(cnt2_ptr + s * stride_c2s + kvh * stride_c2h, count)
+
+
 @triton.jit
 def _compact_kernel(
     bt_ptr, lens_ptr, ids_ptr, lp_ptr, cnt_ptr, cnt2_ptr, gw_ptr, z_ptr, p_ptr, fl_ptr,
-    stride_bts, stride_btb,
-    stride_is, stride_ih, stride_ib,
-    stride_ls, stride_lh, stride_lb,
-    stride_cs, stride_ch, stride_c2s, stride_c2h,
-    stride_gs, stride_gh, stride_gr,
+    stride_bts, stride_btb, stride_is, stride_ih, stride_ib, stride_ls, stride_lh, stride_lb,
+    stride_cs, stride_ch, stride_c2s, stride_c2h, stride_gs, stride_gh, stride_gr,
     stride_zs, stride_zh, stride_ps, stride_ph, stride_fs, stride_fh,
     block_size, max_blocks, dense_below, sink_blocks, local_blocks,
     RESIDENT: tl.constexpr, BLOCK: tl.constexpr, PRIOR_MAX: tl.constexpr,
@@ -376,9 +329,6 @@ def _compact_kernel(
     bt_row = bt_ptr + s64 * stride_bts
     ids_row = ids_ptr + s64 * stride_is + kvh * stride_ih
     lp_row = lp_ptr + s64 * stride_ls + kvh * stride_lh
-    gw_p = gw_ptr + s64 * stride_gs + kvh * stride_gh      # pbar
-    gw_f = gw_p + stride_gr                                 # flags: 1 sel, 2 forced, 4 floor
-    gw_g = gw_p + 2 * stride_gr                             # group-mean z (cap only)
     if active == 0:
         # dense (or empty): every block of the sequence, flat prior
         for start in range(0, n, BLOCK):
@@ -387,161 +337,25 @@ def _compact_kernel(
             pid = tl.load(bt_row + c * stride_btb, mask=cm, other=0)
             tl.store(ids_row + c * stride_ib, pid.to(tl.int32), mask=cm)
             tl.store(lp_row + c * stride_lb, tl.zeros([BLOCK], tl.float32), mask=cm)
-        tl.store(cnt_ptr + s * stride_cs + kvh * stride_ch, n)
-        if COPY_COUNTS:
-            tl.store(cnt2_ptr + s * stride_c2s + kvh * stride_c2h, n)
+        _store_count(cnt_ptr, cnt2_ptr, s, kvh, stride_cs, stride_ch, stride_c2s, stride_c2h, n,
+                     COPY_COUNTS)
+    elif RESIDENT:
+        count = _compact_resident(z_ptr, p_ptr, fl_ptr, s64, kvh, stride_zs, stride_zh,
+                                  stride_ps, stride_ph, stride_fs, stride_fh, n, max_blocks,
+                                  sink_blocks, local_blocks, bt_row, stride_btb, ids_row,
+                                  stride_ib, lp_row, stride_lb, BLOCK, PRIOR_MAX, HAS_CAP,
+                                  RADIX, TINY, G, HAS_MIN)
+        _store_count(cnt_ptr, cnt2_ptr, s, kvh, stride_cs, stride_ch, stride_c2s, stride_c2h,
+                     count, COPY_COUNTS)
     else:
-        t1 = tl.full([], -2147483648, tl.int64)
-        t2 = tl.full([], -2147483648, tl.int64)
-        ch1 = tl.full([], 0, tl.int32)
-        ch2 = tl.full([], 0, tl.int32)
-        wk = tl.full([], 1 << 32, tl.int64)
-        wk2 = tl.full([], 1 << 32, tl.int64)
-        if RESIDENT:
-            # K3a's group values computed here (the row fits registers): no group launch
-            c = tl.arange(0, BLOCK)
-            cm = c < n
-            z_row = z_ptr + s64 * stride_zs + kvh * G * stride_zh
-            pbar, fl, gsc = _group_values(
-                z_row, p_ptr + s64 * stride_ps + kvh * G * stride_ph,
-                fl_ptr + s64 * stride_fs + kvh * G * stride_fh,
-                stride_zh, stride_ph, stride_fh, c, cm, n, sink_blocks, local_blocks,
-                G=G, HAS_MIN=HAS_MIN, HAS_CAP=HAS_CAP)
-            sel = cm & ((fl & 1) != 0)
-            forced = (fl & 2) != 0
-            floor = (fl & 4) != 0
-            pmax = tl.max(pbar, 0)
-            keep = sel
-            if HAS_CAP:
-                cand = sel & (~forced)
-                n_forced = tl.sum(forced.to(tl.int32), 0)
-                n_cand = tl.sum(cand.to(tl.int32), 0)
-                ke = tl.minimum(tl.maximum(max_blocks - n_forced, 0), n_cand)
-                if ke < n_cand:     # else every candidate is kept
-                    kp = _skey(pbar)
-                    kg = _skey(gsc)
-                    # level 1: the ke-th largest pbar key among the candidates
-                    k1, c1 = _kth_largest(kp, cand, ke, RADIX)
-                    need1 = ke - c1
-                    tie1 = cand & (kp == k1)
-                    # level 2: among those, the need1-th largest group score
-                    k2, c2 = _kth_largest(kg, tie1, need1, RADIX)
-                    need2 = need1 - c2
-                    tie = tie1 & (kg == k2)
-                    cum = tl.cumsum(tie.to(tl.int32), 0)
-                    win = (kp > k1) | ((kp == k1) & ((kg > k2) | (tie & (cum <= need2))))
-                    keep = forced | (cand & win)
-            if PRIOR_MAX:
-                prior = pbar / tl.maximum(pmax, TINY)
-            else:
-                prior = pbar
-            logp = tl.where(forced | floor, 0.0,
-                            tl.log(tl.maximum(tl.where(keep, prior, 1.0), TINY)))
-            kint = keep.to(tl.int32)
-            pos = tl.cumsum(kint, 0) - 1
-            pid = tl.load(bt_row + c * stride_btb, mask=cm, other=0)
-            tl.store(ids_row + pos * stride_ib, pid.to(tl.int32), mask=keep)
-            tl.store(lp_row + pos * stride_lb, logp, mask=keep)
-            tl.store(cnt_ptr + s * stride_cs + kvh * stride_ch, tl.sum(kint, 0))
-            if COPY_COUNTS:
-                tl.store(cnt2_ptr + s * stride_c2s + kvh * stride_c2h, tl.sum(kint, 0))
-        else:
-            # ---- tiled fallback ----------------------------------------------------------
-            pmax_t = tl.zeros([BLOCK], tl.float32)
-            nf_t = tl.zeros([BLOCK], tl.int32)
-            nc_t = tl.zeros([BLOCK], tl.int32)
-            for start in range(0, n, BLOCK):
-                c = start + tl.arange(0, BLOCK)
-                cm = c < n
-                fl = tl.load(gw_f + c, mask=cm, other=0.0).to(tl.int32)
-                pmax_t = tl.maximum(pmax_t, tl.load(gw_p + c, mask=cm, other=0.0))
-                nf_t += ((fl & 2) != 0).to(tl.int32)
-                nc_t += ((fl & 3) == 1).to(tl.int32)
-            pmax = tl.max(pmax_t, 0)
-            need2 = tl.full([], 0, tl.int32)
-            capped = tl.full([], 0, tl.int32)
-            if HAS_CAP:
-                n_forced = tl.sum(nf_t, 0)
-                n_cand = tl.sum(nc_t, 0)
-                ke = tl.minimum(tl.maximum(max_blocks - n_forced, 0), n_cand)
-                if ke < n_cand:
-                    capped = tl.full([], 1, tl.int32)
-                    for it in range(BISECT):
-                        wk = wk // 2
-                        mid = t1 + wk
-                        acck = tl.zeros([BLOCK], tl.int32)
-                        for start in range(0, n, BLOCK):
-                            c = start + tl.arange(0, BLOCK)
-                            cm = c < n
-                            fl = tl.load(gw_f + c, mask=cm, other=0.0).to(tl.int32)
-                            kp = _skey(tl.load(gw_p + c, mask=cm, other=0.0))
-                            acck += (cm & ((fl & 3) == 1)
-                                     & (kp >= mid.to(tl.int32))).to(tl.int32)
-                        cnt = tl.sum(acck, 0)
-                        ge = cnt >= ke
-                        t1 = tl.where(ge, mid, t1)
-                        ch1 = tl.where(ge, ch1, cnt)
-                    need1 = ke - ch1
-                    for it in range(BISECT):
-                        wk2 = wk2 // 2
-                        mid = t2 + wk2
-                        acck = tl.zeros([BLOCK], tl.int32)
-                        for start in range(0, n, BLOCK):
-                            c = start + tl.arange(0, BLOCK)
-                            cm = c < n
-                            fl = tl.load(gw_f + c, mask=cm, other=0.0).to(tl.int32)
-                            kp = _skey(tl.load(gw_p + c, mask=cm, other=0.0))
-                            kg = _skey(tl.load(gw_g + c, mask=cm, other=0.0))
-                            tk = cm & ((fl & 3) == 1) & (kp == t1.to(tl.int32))
-                            acck += (tk & (kg >= mid.to(tl.int32))).to(tl.int32)
-                        cnt = tl.sum(acck, 0)
-                        ge = cnt >= need1
-                        t2 = tl.where(ge, mid, t2)
-                        ch2 = tl.where(ge, ch2, cnt)
-                    need2 = need1 - ch2
-            k1 = t1.to(tl.int32)
-            k2 = t2.to(tl.int32)
-            pos0 = tl.full([], 0, tl.int32)
-            tie_carry = tl.full([], 0, tl.int32)
-            pnorm = tl.maximum(pmax, TINY)
-            for start in range(0, n, BLOCK):
-                c = start + tl.arange(0, BLOCK)
-                cm = c < n
-                fl = tl.load(gw_f + c, mask=cm, other=0.0).to(tl.int32)
-                pbar = tl.load(gw_p + c, mask=cm, other=0.0)
-                sel = cm & ((fl & 1) != 0)
-                forced = (fl & 2) != 0
-                floor = (fl & 4) != 0
-                keep = sel
-                if HAS_CAP:
-                    cand = sel & (~forced)
-                    kp = _skey(pbar)
-                    kg = _skey(tl.load(gw_g + c, mask=cm, other=0.0))
-                    tie = (cand & (kp == k1) & (kg == k2)).to(tl.int32)
-                    cum = tl.cumsum(tie, 0) + tie_carry
-                    tie_carry += tl.sum(tie, 0)
-                    win = (kp > k1) | ((kp == k1) & ((kg > k2) | ((tie > 0) & (cum <= need2))))
-                    keep = forced | (cand & ((capped == 0) | win))
-                if PRIOR_MAX:
-                    prior = pbar / pnorm
-                else:
-                    prior = pbar
-                logp = tl.where(forced | floor, 0.0,
-                                tl.log(tl.maximum(tl.where(keep, prior, 1.0), TINY)))
-                kint = keep.to(tl.int32)
-                pos = pos0 + tl.cumsum(kint, 0) - 1
-                pid = tl.load(bt_row + c * stride_btb, mask=cm, other=0)
-                tl.store(ids_row + pos * stride_ib, pid.to(tl.int32), mask=keep)
-                tl.store(lp_row + pos * stride_lb, logp, mask=keep)
-                pos0 += tl.sum(kint, 0)
-            tl.store(cnt_ptr + s * stride_cs + kvh * stride_ch, pos0)
-            if COPY_COUNTS:
-                tl.store(cnt2_ptr + s * stride_c2s + kvh * stride_c2h, pos0)
+        count = _compact_tiled(gw_ptr + s64 * stride_gs + kvh * stride_gh, stride_gr, n,
+                               max_blocks, bt_row, stride_btb, ids_row, stride_ib, lp_row,
+                               stride_lb, BLOCK, PRIOR_MAX, HAS_CAP, BISECT, TINY)
+        _store_count(cnt_ptr, cnt2_ptr, s, kvh, stride_cs, stride_ch, stride_c2s, stride_c2h,
+                     count, COPY_COUNTS)
 
 
-# --------------------------------------------------------------------------------------
-# host side
-# --------------------------------------------------------------------------------------
+# ---- host side -------------------------------------------------------------------------
 class SelectWorkspace:
     """Scratch memory of :func:`select_blocks_paged`, sized once from capacities.
 
@@ -589,6 +403,22 @@ def _score_programs(chunks: int, pairs: int, device) -> int:
         return max(1, min(chunks, 2))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(chunks, -(-_K1_PROGRAMS_PER_SM * sms // max(1, pairs))))
+
+
+def _launch_plan(nmax: int, G: int, tile: Optional[int]):
+    """Launch geometry from shapes only (fixed under CUDA graphs): ``(resident, row_block,
+    chunk1, chunk3, row_warps)``: whether K2 / K3b keep a row in registers, their tile (the
+    whole row when resident), K1's and K3a's chunks of blocks, K2 / K3b's warps."""
+    n_p2 = max(16, triton.next_power_of_2(max(nmax, 1)))
+    resident = tile is None and n_p2 <= _RESIDENT_MAX
+    if resident:
+        row_block = n_p2                       # the whole row in registers
+    else:
+        row_block = tile if tile is not None else min(n_p2, _FALLBACK_TILE)
+    chunk1 = min(_SCORE_CHUNK, n_p2) if tile is None else min(_SCORE_CHUNK, tile)
+    G_P2 = max(2, triton.next_power_of_2(G))
+    chunk3 = max(16, min(n_p2, 2048 // G_P2)) if tile is None else tile
+    return resident, row_block, chunk1, chunk3, min(16, max(4, row_block // 512))
 
 
 def _pow_mode(alpha: float) -> int:
@@ -650,61 +480,47 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
             f"does not fit num_seqs={S}, Hq={Hq}, Hk={Hk}, max_blocks_per_seq={nmax}")
     if S == 0:
         return
-    alpha = float(params.alpha)
-    min_blocks, max_blocks, dense_below = params.min_blocks, params.max_blocks, params.dense_below
-    sink_blocks, local_blocks = params.sink_blocks, params.local_blocks
+    resident, row_block, chunk1, chunk3, row_warps = _launch_plan(nmax, G, tile)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    G_P2 = max(2, triton.next_power_of_2(G))
-    D_P2 = max(16, triton.next_power_of_2(D))
-    n_p2 = max(16, triton.next_power_of_2(max(nmax, 1)))
-    resident = tile is None and n_p2 <= _RESIDENT_MAX
-    if resident:
-        row_block = n_p2                       # the whole row in registers
-    else:
-        row_block = tile if tile is not None else min(n_p2, _FALLBACK_TILE)
-    chunk1 = min(_SCORE_CHUNK, n_p2) if tile is None else min(_SCORE_CHUNK, tile)
-    chunk3 = max(16, min(n_p2, 2048 // G_P2)) if tile is None else tile
-    row_warps = min(16, max(4, row_block // 512))
-    ws = workspace
-    u, p, fl, gw = ws.scores, ws.probs, ws.floor, ws.group
-    chunks = triton.cdiv(nmax, chunk1)
-    nprog1 = _score_programs(chunks, S * Hk, q.device)
+    alpha, dense_below = float(params.alpha), params.dense_below
+    has_min, has_cap = params.min_blocks > 0, params.max_blocks is not None
+    u, p, fl, gw = workspace.scores, workspace.probs, workspace.floor, workspace.group
+    nprog1 = _score_programs(triton.cdiv(nmax, chunk1), S * Hk, q.device)
     _scores_kernel[(S, Hk, nprog1)](
         q, summaries, block_table, seq_lens, u,
         *q.stride(), *summaries.stride(), *block_table.stride(), u.stride(0), u.stride(1),
         scale, block_size, dense_below, nprog1,
-        G=G, G_DOT=max(16, triton.next_power_of_2(G)), D=D, D_P2=D_P2, CHUNK=chunk1,
-        DOT_PRECISION="tf32x3", num_warps=4,
+        G=G, G_DOT=max(16, triton.next_power_of_2(G)), D=D,
+        D_P2=max(16, triton.next_power_of_2(D)), CHUNK=chunk1, DOT_PRECISION="tf32x3",
+        num_warps=4,
     )
     _threshold_kernel[(S, Hq)](
         u, p, fl, seq_lens,
         u.stride(0), u.stride(1), p.stride(0), p.stride(1), fl.stride(0), fl.stride(1),
-        float(params.score_scale), alpha - 1.0, 1.0 / (alpha - 1.0), block_size, min_blocks,
-        dense_below,
-        N_ITER=n_iter, POW_MODE=_pow_mode(alpha), STANDARDIZE=params.score_norm == "standardize",
-        HAS_MIN=min_blocks > 0, RESIDENT=resident, BLOCK=row_block, BISECT=_BISECT_STEPS,
-        RADIX=_RADIX_BITS,
-        STD_EPS=ref.STD_EPS, TINY=_TINY, ENTMAX=params.selector == "entmax", num_warps=row_warps,
+        float(params.score_scale), alpha - 1.0, 1.0 / (alpha - 1.0), block_size,
+        params.min_blocks, dense_below,
+        N_ITER=n_iter, POW_MODE=_pow_mode(alpha),
+        STANDARDIZE=params.score_norm == "standardize", HAS_MIN=has_min, RESIDENT=resident,
+        BLOCK=row_block, BISECT=_BISECT_STEPS, RADIX=_RADIX_BITS, STD_EPS=ref.STD_EPS,
+        TINY=_TINY, ENTMAX=params.selector == "entmax", num_warps=row_warps,
     )
     if not resident:
         _group_kernel[(S, Hk, triton.cdiv(nmax, chunk3))](
             u, p, fl, seq_lens, gw,
             u.stride(0), u.stride(1), p.stride(0), p.stride(1), fl.stride(0), fl.stride(1),
-            gw.stride(0), gw.stride(1), gw.stride(2),
-            block_size, sink_blocks, local_blocks, dense_below,
-            G=G, CHUNK=chunk3, HAS_MIN=min_blocks > 0, HAS_CAP=max_blocks is not None,
-            num_warps=4,
+            *gw.stride()[:3],
+            block_size, params.sink_blocks, params.local_blocks, dense_below,
+            G=G, CHUNK=chunk3, HAS_MIN=has_min, HAS_CAP=has_cap, num_warps=4,
         )
     c2 = out_counts if out_counts_copy is None else out_counts_copy
     _compact_kernel[(S, Hk)](
         block_table, seq_lens, out_block_ids, out_log_prior, out_counts, c2, gw, u, p, fl,
         *block_table.stride(), *out_block_ids.stride(), *out_log_prior.stride(),
-        *out_counts.stride(), *c2.stride(), gw.stride(0), gw.stride(1), gw.stride(2),
+        *out_counts.stride(), *c2.stride(), *gw.stride()[:3],
         u.stride(0), u.stride(1), p.stride(0), p.stride(1), fl.stride(0), fl.stride(1),
-        block_size, 0 if max_blocks is None else max_blocks, dense_below, sink_blocks,
-        local_blocks,
+        block_size, params.max_blocks if has_cap else 0, dense_below, params.sink_blocks,
+        params.local_blocks,
         RESIDENT=resident, BLOCK=row_block, PRIOR_MAX=params.prior_norm == "max",
-        HAS_CAP=max_blocks is not None, BISECT=_BISECT_STEPS, RADIX=_RADIX_BITS, TINY=_TINY,
-        G=G, HAS_MIN=min_blocks > 0, COPY_COUNTS=out_counts_copy is not None,
-        num_warps=row_warps,
+        HAS_CAP=has_cap, BISECT=_BISECT_STEPS, RADIX=_RADIX_BITS, TINY=_TINY, G=G,
+        HAS_MIN=has_min, COPY_COUNTS=out_counts_copy is not None, num_warps=row_warps,
     )
