@@ -44,11 +44,12 @@ import common
 from common import DTYPES, bench_ms, fa3_module, floats, gpu_name, hbm_peak_tbs, ints
 
 common.interpret_without_gpu()             # before the kernels import Triton
+from dense_fill import fill_dense_selection  # noqa: E402
+from fa_tables import (compact_head_major_tables, head_major_page_view,  # noqa: E402
+                       queries_as_groups)
 from vllm_dash.kernels.decode import (DecodeWorkspace, choose_num_splits,  # noqa: E402
-                                      fill_dense_selection, sparse_decode)
+                                      sparse_decode)
 from vllm_dash.kernels.params import DashParams  # noqa: E402
-from vllm_dash.kernels.fa_tables import (compact_head_major_tables,  # noqa: E402
-                                         head_major_page_view, queries_as_groups)
 
 # --------------------------------------------------------------------------------------
 # selection hook

@@ -3,7 +3,7 @@ prior_weight 0: checked with the torch twin of the external kernel's contract.""
 import pytest
 import torch
 
-from vllm_dash.kernels import fa_tables as F
+import fa_tables as F
 from vllm_dash.kernels import reference as R
 from vllm_dash.kernels.params import DashParams
 

@@ -11,8 +11,8 @@ import torch
 
 from vllm_dash.kernels import reference as ref
 from vllm_dash.kernels import decode as dec
-from vllm_dash.kernels.decode import (DecodeWorkspace, choose_num_splits, fill_dense_selection,
-                                      sparse_decode)
+from dense_fill import fill_dense_selection
+from vllm_dash.kernels.decode import DecodeWorkspace, choose_num_splits, sparse_decode
 from vllm_dash.kernels.params import DashParams
 
 pytestmark = pytest.mark.filterwarnings(

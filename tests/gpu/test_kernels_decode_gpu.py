@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vllm_dash.kernels import reference as ref
-from vllm_dash.kernels.decode import DecodeWorkspace, fill_dense_selection, sparse_decode
+from dense_fill import fill_dense_selection
+from vllm_dash.kernels.decode import DecodeWorkspace, sparse_decode
 from vllm_dash.kernels.params import DashParams
 
 pytestmark = pytest.mark.gpu

@@ -10,7 +10,8 @@ last, and seqused_k = (count - 1) * B + fill of the current block. That path can
 log-prior: it is exact for prior_weight = 0 only.
 
 Pure torch ops writing into preallocated outputs (no host sync, CUDA-graph capturable);
-no vLLM import here: the adapter or the benchmark passes the kernel in.
+no vLLM import here: the benchmark (bench_kernels.py, fa3-sparse rows) passes the kernel in.
+Benchmark code, not part of the serving path. Import rule: benchmarks/common.py.
 """
 from __future__ import annotations
 
