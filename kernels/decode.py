@@ -81,6 +81,19 @@ _LOG2E = 1.4426950408889634
 # Triton kernels
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _mma(a, b, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    """a @ b with fp32 accumulation: "ieee" precision for fp32 caches, both operands widened
+    to fp32 under the interpreter with bf16 (see the module doc), else the native dot."""
+    if IEEE:
+        r = tl.dot(a, b, input_precision="ieee")
+    elif DOT_F32:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, ids_ptr, lp_ptr, cnt_ptr, len_ptr,
     out_ptr, po_ptr, plse_ptr,
@@ -140,24 +153,17 @@ def _split_kernel(
             bid = tl.load(ids_row + i0 * stride_ic).to(tl.int64)
             fill = tl.where(i0 == count - 1, last_fill, B)
             t_ok = slot < fill
-            k_row = k_head + bid * stride_kb + slot * stride_kt
-            v_row = v_head + bid * stride_vb + slot * stride_vt
         else:
             e = i0 + tok // B                             # list entry of each token
             e_ok = e < end
             bid = tl.load(ids_row + e * stride_ic, mask=e_ok, other=0).to(tl.int64)
             fill = tl.where(e == count - 1, last_fill, B)
             t_ok = e_ok & (slot < fill)
-            k_row = k_head + bid * stride_kb + slot * stride_kt
-            v_row = v_head + bid * stride_vb + slot * stride_vt
+        k_row = k_head + bid * stride_kb + slot * stride_kt
+        v_row = v_head + bid * stride_vb + slot * stride_vt
         kv_mask = t_ok[:, None] & d_ok[None, :]
         k = tl.load(k_row[:, None] + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        elif DOT_F32:
-            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-        else:
-            qk = tl.dot(q, tl.trans(k))
+        qk = _mma(q, tl.trans(k), IEEE, DOT_F32)
         sc = qk * qk_scale                                # [GP, N], base-2 logits
         if USE_PRIOR:
             if BPI == 1:
@@ -172,13 +178,7 @@ def _split_kernel(
         p = tl.exp2(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_row[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        elif DOT_F32:
-            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, IEEE, DOT_F32)
         m_i = m_new
 
     l_ok = l_i > 0.0
