@@ -30,7 +30,7 @@ $(STAMP): requirements/cpu.txt requirements/cpu-nodeps.txt requirements/cpu-cons
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest tests/cpu tests/e2e $(PYTEST_ARGS)
+	$(PY) -m pytest tests/cpu tests/kernels tests/e2e $(PYTEST_ARGS)
 
 # vLLM's OpenAI-compatible server with DASH, in the foreground, on 127.0.0.1:8000 (Ctrl-C stops it).
 serve: setup

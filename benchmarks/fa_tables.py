@@ -44,7 +44,8 @@ def compact_head_major_tables(*, block_ids: torch.Tensor, counts: torch.Tensor,
     hk, m = block_ids.shape[1], block_ids.shape[2]
     ids = block_ids[:S]
     heads = torch.arange(hk, device=ids.device, dtype=ids.dtype).view(1, hk, 1)
-    valid = torch.arange(m, device=ids.device, dtype=counts.dtype).view(1, 1, m) < counts[:S, :, None]
+    valid = (torch.arange(m, device=ids.device, dtype=counts.dtype).view(1, 1, m)
+             < counts[:S, :, None])
     table = out_block_table[: S * hk].view(S, hk, m)
     torch.mul(ids, hk, out=table)
     table.add_(heads)

@@ -1,49 +1,16 @@
-"""The DASH reference (kernels/reference.py): against an independent loop implementation,
-paged == contiguous, dense equivalence, selection rules, summaries, argument checks."""
+"""The DASH reference (kernels/reference.py): against an independent loop implementation
+(naive_dash.py), paged == contiguous, dense equivalence, selection rules, summaries,
+argument checks. The numeric equivalences run on the CPU and on a GPU (the reference is the
+twin every GPU kernel test compares with); the rules on the CPU."""
 import math
 
 import pytest
 import torch
 
+from kernel_helpers import DEVICES, dash_inputs, to_paged
+from naive_dash import naive_dash_decode
 from vllm_dash.kernels import reference as R
 from vllm_dash.kernels.params import DashParams as P
-from naive_dash import naive_dash_decode
-
-
-def make_inputs(seed, S, Hq, Hk, L, D, dtype=torch.float32, lens=None):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(S, Hq, D, generator=gen).to(dtype)
-    k = torch.randn(S, Hk, L, D, generator=gen)
-    # slowly varying key offsets (runs of 8 tokens) make block summaries differ clearly
-    runs = torch.randn(S, Hk, -(-L // 8), D, generator=gen).repeat_interleave(8, dim=2)
-    k = k + 1.5 * runs[:, :, :L]
-    v = torch.randn(S, Hk, L, D, generator=gen)
-    if lens is None:
-        lens = torch.randint(1, L + 1, (S,), generator=gen)
-        lens[0] = L
-    return q, k.to(dtype), v.to(dtype), torch.as_tensor(lens)
-
-
-def to_paged(k, v, lens, block_size, seed=0, extra_blocks=3):
-    """Scatter contiguous K/V into a paged cache with a shuffled block table."""
-    S, Hk, L, D = k.shape
-    n_max = -(-L // block_size)
-    num_blocks = S * n_max + extra_blocks
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(num_blocks, generator=gen)
-    table = perm[: S * n_max].view(S, n_max).to(torch.int32)
-    kc = torch.randn(num_blocks, block_size, Hk, D, generator=gen).to(k.dtype)  # garbage
-    vc = torch.randn(num_blocks, block_size, Hk, D, generator=gen).to(v.dtype)
-    pad = n_max * block_size - L
-    kp = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(S, Hk, n_max, block_size, D)
-    vp = torch.nn.functional.pad(v, (0, 0, 0, pad)).view(S, Hk, n_max, block_size, D)
-    for s in range(S):
-        n = -(-int(lens[s]) // block_size)
-        for c in range(n):
-            filled = min(block_size, int(lens[s]) - c * block_size)
-            kc[table[s, c], :filled] = kp[s, :, c, :filled].transpose(0, 1)
-            vc[table[s, c], :filled] = vp[s, :, c, :filled].transpose(0, 1)
-    return kc, vc, table
 
 
 def selected_lists(info, num_blocks):
@@ -72,20 +39,23 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cfg", range(len(CONFIGS)))
-def test_reference_matches_independent_implementation(cfg):
+def test_reference_matches_independent_implementation(device, cfg):
     Hq, Hk, D, B, L, kw = CONFIGS[cfg]
-    q, k, v, lens = make_inputs(cfg, 5, Hq, Hk, L, D)
+    q, k, v, lens = dash_inputs(cfg, 5, Hq, Hk, L, D, device=device)
     out, info = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, params=P(**kw))
-    ref_out, ref_sel = naive_dash_decode(q, k, v, lens, block_size=B, params=P(**kw))
+    ref_out, ref_sel = naive_dash_decode(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), block_size=B,
+                                         params=P(**kw))
     assert selected_lists(info, None) == ref_sel
-    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.double().cpu(), ref_out, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cfg", range(len(CONFIGS)))
-def test_paged_equals_contiguous(cfg):
+def test_paged_equals_contiguous(device, cfg):
     Hq, Hk, D, B, L, kw = CONFIGS[cfg]
-    q, k, v, lens = make_inputs(100 + cfg, 4, Hq, Hk, L, D)
+    q, k, v, lens = dash_inputs(100 + cfg, 4, Hq, Hk, L, D, device=device)
     out_c, info_c = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, params=P(**kw))
     kc, vc, table = to_paged(k, v, lens, B, seed=cfg)
     out_p, info_p = R.dash_attention_paged(q, kc, vc, table, lens, params=P(**kw))
@@ -106,13 +76,14 @@ def test_paged_equals_contiguous(cfg):
     torch.testing.assert_close(out_h, out_c, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("Hq,Hk", [(4, 2), (8, 1), (4, 4)])
-def test_dense_equivalence_with_sdpa(dtype, Hq, Hk):
+def test_dense_equivalence_with_sdpa(device, dtype, Hq, Hk):
     """score_scale 0 -> entmax is uniform -> every block selected; prior_weight 0 -> flat:
     the output is dense attention (torch SDPA), also through dense_below."""
     D, B, L = 32, 16, 150
-    q, k, v, lens = make_inputs(7, 4, Hq, Hk, L, D, dtype=dtype)
+    q, k, v, lens = dash_inputs(7, 4, Hq, Hk, L, D, dtype=dtype, device=device)
     out, info = R.dash_attention(q, k, v, block_size=B, seq_lens=lens,
                                  params=P(score_scale=0.0, prior_weight=0.0))
     out2, info2 = R.dash_attention(q, k, v, block_size=B, seq_lens=lens,
@@ -130,7 +101,7 @@ def test_dense_equivalence_with_sdpa(dtype, Hq, Hk):
 
 
 def test_density_decreases_as_score_scale_grows():
-    q, k, v, lens = make_inputs(11, 6, 8, 2, 512, 32, lens=[512, 480, 400, 333, 256, 200])
+    q, k, v, lens = dash_inputs(11, 6, 8, 2, 512, 32, lens=[512, 480, 400, 333, 256, 200])
     dens = []
     for s in [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0]:
         _, info = R.dash_attention(q, k, v, block_size=16, seq_lens=lens, params=P(score_scale=s))
@@ -143,7 +114,7 @@ def test_density_decreases_as_score_scale_grows():
 
 def test_forced_blocks_always_selected():
     B = 16
-    q, k, v, lens = make_inputs(12, 5, 8, 2, 400, 32)
+    q, k, v, lens = dash_inputs(12, 5, 8, 2, 400, 32)
     for kw in [dict(score_scale=1e3), dict(score_scale=1e3, sink_blocks=2, local_blocks=3),
                dict(score_scale=1e3, sink_blocks=1, local_blocks=2, max_blocks=3)]:
         _, info = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, params=P(**kw))
@@ -161,7 +132,7 @@ def test_forced_blocks_always_selected():
 
 
 def test_gqa_union_semantics():
-    q, k, v, lens = make_inputs(13, 4, 8, 2, 320, 32)
+    q, k, v, lens = dash_inputs(13, 4, 8, 2, 320, 32)
     _, info = R.dash_attention(q, k, v, block_size=16, seq_lens=lens, params=P(score_scale=3.0))
     sel = info["selection"]
     S, Hk, n_max = sel.selected.shape
@@ -179,7 +150,7 @@ def test_gqa_union_semantics():
 
 def test_min_blocks_floor_and_max_blocks_cap():
     B = 16
-    q, k, v, lens = make_inputs(14, 4, 8, 2, 480, 32, lens=[480, 300, 47, 200])
+    q, k, v, lens = dash_inputs(14, 4, 8, 2, 480, 32, lens=[480, 300, 47, 200])
     _, sparse = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, params=P(score_scale=1e4))
     _, floored = R.dash_attention(q, k, v, block_size=B, seq_lens=lens,
                                   params=P(score_scale=1e4, min_blocks=4))
@@ -198,7 +169,7 @@ def test_min_blocks_floor_and_max_blocks_cap():
 
 
 def test_prior_norm_max():
-    q, k, v, lens = make_inputs(15, 3, 8, 2, 320, 32)
+    q, k, v, lens = dash_inputs(15, 3, 8, 2, 320, 32)
     _, info = R.dash_attention(q, k, v, block_size=16, seq_lens=lens,
                                params=P(score_scale=2.0, prior_norm="max"))
     sel = info["selection"]
@@ -210,7 +181,7 @@ def test_prior_norm_max():
 
 def test_info_and_density_accounting():
     B = 16
-    q, k, v, lens = make_inputs(16, 3, 4, 2, 100, 32, lens=[100, 33, 5])
+    q, k, v, lens = dash_inputs(16, 3, 4, 2, 100, 32, lens=[100, 33, 5])
     _, info = R.dash_attention(q, k, v, block_size=B, seq_lens=lens, params=P(score_scale=1e4))
     assert info["num_blocks"].tolist() == [7, 3, 1]
     sel = info["selection"]
@@ -232,7 +203,7 @@ def test_block_summaries():
     torch.testing.assert_close(s[0, 0, 2], k[0, 0, 8:10].mean(0))       # partial: 2 keys
     torch.testing.assert_close(s[1, 0, 1], k[1, 0, 4:5].mean(0))        # 1 present key
     assert torch.all(s[1, 0, 2] == 0)                                   # past the end
-    q, kk, v, lens = make_inputs(17, 3, 4, 2, 70, 32)
+    q, kk, v, lens = dash_inputs(17, 3, 4, 2, 70, 32)
     kc, vc, table = to_paged(kk, v, lens, 16)
     sp = R.block_summaries_paged(kc, table, lens)
     sc = R.block_summaries(kk, 16, lens)
@@ -241,13 +212,14 @@ def test_block_summaries():
             torch.testing.assert_close(sp[table[si, c]], sc[si, :, c])
 
 
-def test_prefix_shared_blocks_in_paged_layout():
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefix_shared_blocks_in_paged_layout(device):
     """Two sequences sharing their first full blocks (prefix caching) read the same
     physical blocks and get the same result as unshared copies."""
     B, D = 16, 32
-    q, k, v, _ = make_inputs(18, 2, 4, 2, 80, D, lens=[80, 80])
+    q, k, v, _ = dash_inputs(18, 2, 4, 2, 80, D, lens=[80, 80], device=device)
     k[1, :, :48], v[1, :, :48] = k[0, :, :48], v[0, :, :48]
-    lens = torch.tensor([80, 70])
+    lens = torch.tensor([80, 70], device=device)
     kc, vc, table = to_paged(k, v, lens, B)
     shared = table.clone()
     shared[1, :3] = table[0, :3]
@@ -282,7 +254,7 @@ def test_invalid_params_name_the_key_and_allowed_values(kw, name):
     (dict(block_size=-16), "block_size"), (dict(scale=0.0), "scale"),
 ])
 def test_invalid_arguments_name_the_argument(kw, name):
-    q, k, v, lens = make_inputs(19, 2, 4, 2, 64, 32)
+    q, k, v, lens = dash_inputs(19, 2, 4, 2, 64, 32)
     args = dict(block_size=16)
     args.update(kw)
     with pytest.raises(ValueError, match=name):
@@ -297,10 +269,10 @@ def test_invalid_arguments_name_the_argument(kw, name):
 
 
 def test_invalid_shapes_name_the_argument():
-    q, k, v, lens = make_inputs(20, 2, 6, 4, 64, 32)
+    q, k, v, lens = dash_inputs(20, 2, 6, 4, 64, 32)
     with pytest.raises(ValueError, match="query heads"):
         R.dash_attention(q, k, v, params=P(), block_size=16)
-    q, k, v, lens = make_inputs(20, 2, 4, 2, 64, 32)
+    q, k, v, lens = dash_inputs(20, 2, 4, 2, 64, 32)
     with pytest.raises(ValueError, match="seq_lens"):
         R.dash_attention(q, k, v, block_size=16, params=P(), seq_lens=[64, 65])
     with pytest.raises(ValueError, match="seq_lens"):
@@ -310,10 +282,11 @@ def test_invalid_shapes_name_the_argument():
         R.dash_attention_paged(q, kc, vc, table, lens, params=P(), block_size=32)
 
 
-def test_garbage_in_unwritten_slots_is_ignored():
+@pytest.mark.parametrize("device", DEVICES)
+def test_garbage_in_unwritten_slots_is_ignored(device):
     """Slots past a sequence's end (the tail of the current block, unused blocks) may hold
     anything, NaN included: nothing of it reaches the output or the summaries."""
-    q, k, v, lens = make_inputs(21, 3, 4, 2, 70, 32, lens=[70, 37, 5])
+    q, k, v, lens = dash_inputs(21, 3, 4, 2, 70, 32, lens=[70, 37, 5], device=device)
     kc, vc, table = to_paged(k, v, lens, 16)
     out, _ = R.dash_attention_paged(q, kc, vc, table, lens, params=P(score_scale=2.0))
     for s in range(3):
