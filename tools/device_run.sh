@@ -31,7 +31,7 @@ fi
 python3 -P -c "import torch, vllm_dash.kernels.select as s; print(torch.cuda.get_device_name(0))" 2>&1 | tee -a "$OUT/steps.log"
 for step in "$@"; do
   case "$step" in
-    tests)  log "gpu tests"; timeout 200 python3 -P -m pytest tests/gpu -q -rs -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; tail -3 "$OUT/gpu_tests.txt" | tee -a "$OUT/steps.log" ;;
+    tests)  log "gpu tests"; timeout 300 python3 -P -m pytest tests/kernels -m gpu -q -rs -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; tail -3 "$OUT/gpu_tests.txt" | tee -a "$OUT/steps.log" ;;
     bench)  log "kernel bench"; timeout 240 python3 benchmarks/bench_kernels.py --select dash_select_hook:select --warmup 10 --rep 40 --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.txt" 2>&1; tail -2 "$OUT/bench_kernels.txt" | tee -a "$OUT/steps.log" ;;
     benchhnd) log "kernel bench, head-major layout (adds fa3-sparse)"; timeout 300 python3 benchmarks/bench_kernels.py --layout hnd --select dash_select_hook:select --warmup 10 --rep 40 --out "$OUT/bench_kernels_hnd.json" > "$OUT/bench_kernels_hnd.txt" 2>&1; tail -2 "$OUT/bench_kernels_hnd.txt" | tee -a "$OUT/steps.log" ;;
     e2e)    log "vllm e2e"; unshare -n python3 serving/netns.py timeout 330 python3 benchmarks/vllm_e2e_check.py --device cuda --max-model-len 16384 --lengths 600 1500 3000 120 200 --timeout 150 --out "$OUT/e2e_gpu.json" > "$OUT/e2e_gpu.txt" 2>&1; tail -30 "$OUT/e2e_gpu.txt" | tee -a "$OUT/steps.log" ;;
