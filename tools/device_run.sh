@@ -9,6 +9,10 @@
 # e2e uses 5 prompts: a decode batch of 5 is padded to the captured size 8 (padded CUDA-graph
 # batches once crashed the engine; see docs/design-notes.md).
 # E2E_ARGS: extra bench_e2e.py arguments for e2ebench (e.g. "--contexts 32768 --batches 1").
+# benchcmp:DIR runs the kernel benchmark (BENCHCMP_ARGS, default 32/8 heads, 4K/32K/128K,
+# batch 1/8/32, with the selection hook) with the package of an older tree exported into DIR
+# (git archive REV kernels vllm_dash serving benchmarks | tar -x -C DIR; a git-ignored folder
+# carried with the job), then with this tree, and compares them (benchmarks/compare_kernels.py).
 # Results go to $OUT (one file per step). Each step has its own time limit.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -35,6 +39,13 @@ for step in "$@"; do
     bench)  log "kernel bench"; timeout 240 python3 benchmarks/bench_kernels.py --select dash_select_hook:select --warmup 10 --rep 40 --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.txt" 2>&1; tail -2 "$OUT/bench_kernels.txt" | tee -a "$OUT/steps.log" ;;
     benchhnd) log "kernel bench, head-major layout (adds fa3-sparse)"; timeout 300 python3 benchmarks/bench_kernels.py --layout hnd --select dash_select_hook:select --warmup 10 --rep 40 --out "$OUT/bench_kernels_hnd.json" > "$OUT/bench_kernels_hnd.txt" 2>&1; tail -2 "$OUT/bench_kernels_hnd.txt" | tee -a "$OUT/steps.log" ;;
     e2e)    log "vllm e2e"; unshare -n python3 serving/netns.py timeout 330 python3 benchmarks/vllm_e2e_check.py --device cuda --max-model-len 16384 --lengths 600 1500 3000 120 200 --timeout 150 --out "$OUT/e2e_gpu.json" > "$OUT/e2e_gpu.txt" 2>&1; tail -30 "$OUT/e2e_gpu.txt" | tee -a "$OUT/steps.log" ;;
+    benchcmp:*)
+      d=${step#benchcmp:}; a=${BENCHCMP_ARGS:---heads 32/8 --contexts 4096,32768,131072 --batches 1,8,32 --select dash_select_hook:select --warmup 10 --rep 40}
+      mkdir -p /tmp/before/vllm_dash; cp "$d"/vllm_dash/*.py /tmp/before/vllm_dash/
+      for m in kernels serving; do ln -sfn "$PWD/$d/$m" /tmp/before/vllm_dash/$m; done
+      log "kernel bench, before ($d)"; (cd "$d/benchmarks" && PYTHONPATH=/tmp/before${PYTHONPATH:+:$PYTHONPATH} timeout 280 python3 bench_kernels.py $a --out "$OUT/bench_before.json" > "$OUT/bench_before.txt" 2>&1); tail -1 "$OUT/bench_before.txt" | tee -a "$OUT/steps.log"
+      log "kernel bench, after"; (cd /tmp && timeout 280 python3 "$OLDPWD/benchmarks/bench_kernels.py" $a --out "$OUT/bench_after.json" > "$OUT/bench_after.txt" 2>&1); tail -1 "$OUT/bench_after.txt" | tee -a "$OUT/steps.log"
+      python3 benchmarks/compare_kernels.py "$OUT/bench_before.json" "$OUT/bench_after.json" --out "$OUT/bench_compare.json" > "$OUT/bench_compare.txt" 2>&1; tail -12 "$OUT/bench_compare.txt" | tee -a "$OUT/steps.log" ;;
     select) log "select bench"; timeout 120 python3 benchmarks/bench_select.py --out "$OUT/bench_select.json" > "$OUT/bench_select.txt" 2>&1; tail -20 "$OUT/bench_select.txt" | tee -a "$OUT/steps.log" ;;
     serve)  log "gpu serve check"; unshare -n python3 serving/netns.py timeout 420 python3 tools/gpu_serve_check.py "$OUT" > "$OUT/serve_gpu.txt" 2>&1; tail -25 "$OUT/serve_gpu.txt" | tee -a "$OUT/steps.log" ;;
     e2ebench:*)
