@@ -134,10 +134,33 @@ def floats(s: str) -> list:
 
 
 def versions() -> dict:
-    """The software a result was measured with (torch, triton, python)."""
+    """The software a result was measured with: torch, triton, python, vLLM and vllm-dash
+    (None where not importable) and the git commit of this tree (``$VLLM_DASH_COMMIT`` where
+    the tree travels without its .git, as on the device machine)."""
     import triton
     return dict(torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version())
+                python=platform.python_version(), vllm=_version_of("vllm"),
+                vllm_dash=_version_of("vllm_dash"), commit=git_commit())
+
+
+def _version_of(module: str) -> Optional[str]:
+    try:
+        return getattr(__import__(module), "__version__", "unknown")
+    except Exception:  # noqa: BLE001 - not installed / not importable here
+        return None
+
+
+def git_commit() -> Optional[str]:
+    """The commit of the benchmarked tree: $VLLM_DASH_COMMIT, else ``git rev-parse``."""
+    if os.environ.get("VLLM_DASH_COMMIT"):
+        return os.environ["VLLM_DASH_COMMIT"]
+    import subprocess
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                           text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() or None
 
 
 def write_json(path: str, data: dict) -> None:

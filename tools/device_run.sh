@@ -13,6 +13,7 @@
 # batch 1/8/32, with the selection hook) with the package of an older tree exported into DIR
 # (git archive REV kernels vllm_dash serving benchmarks | tar -x -C DIR; a git-ignored folder
 # carried with the job), then with this tree, and compares them (benchmarks/compare_kernels.py).
+# VLLM_DASH_COMMIT: the commit the result files record (the tree travels without its .git).
 # Results go to $OUT (one file per step). Each step has its own time limit.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
