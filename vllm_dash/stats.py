@@ -10,7 +10,7 @@ numbers once its event has completed — no synchronisation.
 Samples are summed in this process (:meth:`DashStats.snapshot`, used by offline runs and
 tests) and written atomically as JSON to ``$VLLM_DASH_STATS_FILE`` (set by ``register()`` in
 the API-server process, inherited by the engine and worker processes), which the Prometheus
-collector of :mod:`vllm_dash.metrics` reads at scrape time.
+collector of :mod:`vllm_dash.serving.metrics` reads at scrape time.
 """
 from __future__ import annotations
 
