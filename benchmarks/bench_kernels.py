@@ -85,129 +85,176 @@ def random_selection(block_table, num_kv_heads, n, k, ids, lp, counts, gen):
 def run_config(*, Hq, Hk, batch, ctx, D, B, dtype, densities, prior_weight, num_splits,
                layout, warmup, rep, select_fn, fa3, fa3_reason, methods, peak, device,
                launch=None):
-    launch = launch or {}
-    elem = torch.finfo(dtype).bits // 8
-    n = -(-ctx // B)
-    nb = batch * n
-    cache_bytes = 2 * nb * B * Hk * D * elem
-    rows = []
+    """Every method of the module docstring on one (heads, batch, context): the rows."""
     base = dict(heads=f"{Hq}/{Hk}", batch=batch, context=ctx, head_size=D, block_size=B,
                 dtype=str(dtype).replace("torch.", ""), layout=layout)
     if device == "cuda":
+        n = -(-ctx // B)
+        need = (2 * batch * n * B * Hk * D * (torch.finfo(dtype).bits // 8)
+                + 4 * batch * Hk * n * 8 + (64 << 20))
         free, _ = torch.cuda.mem_get_info()
-        need = cache_bytes + 4 * batch * Hk * n * 8 + (64 << 20)
         if need > 0.85 * free:
             return [dict(base, method="*", status=f"skipped: needs ~{need / 2**30:.1f} GiB, "
                                                   f"{free / 2**30:.1f} GiB free")]
-    gen = torch.Generator(device=device).manual_seed(ctx + batch + Hk)
-    if layout == "nhd":
-        kc = torch.randn(nb, B, Hk, D, device=device, dtype=dtype, generator=gen)
-        vc = torch.randn(nb, B, Hk, D, device=device, dtype=dtype, generator=gen)
-        k_view, v_view = kc, vc
-    else:
-        kc = torch.randn(nb, Hk, B, D, device=device, dtype=dtype, generator=gen)
-        vc = torch.randn(nb, Hk, B, D, device=device, dtype=dtype, generator=gen)
-        k_view, v_view = kc.transpose(1, 2), vc.transpose(1, 2)
-    bt = torch.arange(nb, device=device, dtype=torch.int32).view(batch, n)   # identity
-    seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
-    q = torch.randn(batch, Hq, D, device=device, dtype=dtype, generator=gen)
-    out = torch.empty_like(q)
-    ids = torch.zeros(batch, Hk, n, device=device, dtype=torch.int32)
-    lp = torch.zeros(batch, Hk, n, device=device, dtype=torch.float32)
-    counts = torch.zeros(batch, Hk, device=device, dtype=torch.int32)
-    ns = num_splits or choose_num_splits(num_seqs=batch, num_kv_heads=Hk, max_blocks_per_seq=n,
-                                         block_size=B, device=device)
-    ws = DecodeWorkspace(batch, Hq, D, max(ns, 1), device=device)
-    qo_bytes = 2 * batch * Hq * D * elem
-    dense_kv_bytes = 2 * batch * Hk * ctx * D * elem
+    cb = ConfigBench(Hq=Hq, Hk=Hk, batch=batch, ctx=ctx, D=D, B=B, dtype=dtype, layout=layout,
+                     num_splits=num_splits, warmup=warmup, rep=rep, methods=methods,
+                     peak=peak, device=device, base=base, launch=launch or {})
+    cb.ours(densities, prior_weight)
+    if select_fn is not None:
+        cb.selection(select_fn, densities, prior_weight)
+    if device == "cuda":
+        cb.sdpa()
+    cb.fa3(fa3, fa3_reason, densities)
+    rows = cb.rows
+    del cb
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
-    def record(method, ms, kv_bytes, **extra):
-        total = kv_bytes + qo_bytes
+
+class ConfigBench:
+    """One (heads, batch, context): a random paged cache with an identity block table, the
+    selection buffers our decode reads, and one method per call; rows collect in ``rows``."""
+
+    def __init__(self, *, Hq, Hk, batch, ctx, D, B, dtype, layout, num_splits, warmup, rep,
+                 methods, peak, device, base, launch):
+        self.Hq, self.Hk, self.batch, self.ctx, self.D, self.B = Hq, Hk, batch, ctx, D, B
+        self.layout, self.warmup, self.rep, self.methods = layout, warmup, rep, methods
+        self.peak, self.device, self.base, self.launch = peak, device, base, launch
+        self.rows = []
+        self.elem = torch.finfo(dtype).bits // 8
+        n = self.n = -(-ctx // B)
+        nb = batch * n
+        self.cache_bytes = 2 * nb * B * Hk * D * self.elem
+        gen = self.gen = torch.Generator(device=device).manual_seed(ctx + batch + Hk)
+        shape = (nb, B, Hk, D) if layout == "nhd" else (nb, Hk, B, D)
+        self.kc = torch.randn(*shape, device=device, dtype=dtype, generator=gen)
+        self.vc = torch.randn(*shape, device=device, dtype=dtype, generator=gen)
+        if layout == "nhd":
+            self.k_view, self.v_view = self.kc, self.vc
+        else:
+            self.k_view, self.v_view = self.kc.transpose(1, 2), self.vc.transpose(1, 2)
+        self.bt = torch.arange(nb, device=device, dtype=torch.int32).view(batch, n)  # identity
+        self.seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
+        self.q = torch.randn(batch, Hq, D, device=device, dtype=dtype, generator=gen)
+        self.out = torch.empty_like(self.q)
+        self.ids = torch.zeros(batch, Hk, n, device=device, dtype=torch.int32)
+        self.lp = torch.zeros(batch, Hk, n, device=device, dtype=torch.float32)
+        self.counts = torch.zeros(batch, Hk, device=device, dtype=torch.int32)
+        self.ns = num_splits or choose_num_splits(num_seqs=batch, num_kv_heads=Hk,
+                                                  max_blocks_per_seq=n, block_size=B,
+                                                  device=device)
+        self.ws = DecodeWorkspace(batch, Hq, D, max(self.ns, 1), device=device)
+        self.qo_bytes = 2 * batch * Hq * D * self.elem
+        self.dense_kv_bytes = 2 * batch * Hk * ctx * D * self.elem
+
+    # ---------------------------------------------------------------- helpers
+    def record(self, method, ms, kv_bytes, **extra):
+        total = kv_bytes + self.qo_bytes
         tbs = total / (ms * 1e-3) / 1e12 if ms else None
-        rows.append(dict(base, method=method, status="ok", latency_us=ms * 1e3, bytes=total,
-                         tb_per_s=tbs, pct_peak=(100 * tbs / peak) if (peak and tbs) else None,
-                         timing=bench_ms.last_mode, **extra))
+        pct = (100 * tbs / self.peak) if (self.peak and tbs) else None
+        self.rows.append(dict(self.base, method=method, status="ok", latency_us=ms * 1e3,
+                              bytes=total, tb_per_s=tbs, pct_peak=pct,
+                              timing=bench_ms.last_mode, **extra))
 
-    def decode(pw):
+    def bench(self, fn) -> float:
+        return bench_ms(fn, self.warmup, self.rep)
+
+    def decode(self, pw):
+        """Our decode over the current selection buffers, as a timed callable."""
         params = DashParams(prior_weight=pw)
-        return lambda: sparse_decode(q=q, key_cache=k_view, value_cache=v_view, block_ids=ids,
-                                     log_prior=lp, counts=counts, seq_lens=seq_lens, out=out,
-                                     params=params, block_size=B, num_splits=ns,
-                                     workspace=ws, **launch)
+        return lambda: sparse_decode(q=self.q, key_cache=self.k_view, value_cache=self.v_view,
+                                     block_ids=self.ids, log_prior=self.lp, counts=self.counts,
+                                     seq_lens=self.seq_lens, out=self.out, params=params,
+                                     block_size=self.B, num_splits=self.ns, workspace=self.ws,
+                                     **self.launch)
 
-    def selected_kv_bytes():
-        c = counts[:batch].long()
-        tokens = (c * B).sum().item()            # every seq_len is a multiple of B here
-        if ctx % B:
-            tokens -= batch * Hk * (n * B - ctx)
-        return 2 * tokens * D * elem
+    def selected_kv_bytes(self):
+        c = self.counts[:self.batch].long()
+        tokens = (c * self.B).sum().item()       # every seq_len is a multiple of B here
+        if self.ctx % self.B:
+            tokens -= self.batch * self.Hk * (self.n * self.B - self.ctx)
+        return 2 * tokens * self.D * self.elem
 
-    def guarded(method, fn):
-        if methods and not any(method.startswith(m) for m in methods):
+    def random_selection(self, k):
+        random_selection(self.bt, self.Hk, self.n, k, self.ids, self.lp, self.counts, self.gen)
+
+    def guarded(self, method, fn):
+        if self.methods and not any(method.startswith(m) for m in self.methods):
             return
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - one failing method must not stop the sweep
-            rows.append(dict(base, method=method, status=f"error: {type(e).__name__}: {e}",
-                             traceback=traceback.format_exc(limit=4)))
-            if device == "cuda":
+            self.rows.append(dict(self.base, method=method,
+                                  status=f"error: {type(e).__name__}: {e}",
+                                  traceback=traceback.format_exc(limit=4)))
+            if self.device == "cuda":
                 torch.cuda.synchronize()
 
-    # --- ours, random selections
-    for d in densities:
-        k = max(1, min(n, round(d * n)))
-        name = f"dash@{d:g}"
+    # ---------------------------------------------------------------- methods
+    def ours(self, densities, prior_weight):
+        """dash@<d> over random selections, dash-dense over every block."""
+        for d in densities:
+            k = max(1, min(self.n, round(d * self.n)))
+            name = f"dash@{d:g}"
 
-        def _sparse(d=d, k=k, name=name):
-            random_selection(bt, Hk, n, k, ids, lp, counts, gen)
-            ms = bench_ms(decode(prior_weight), warmup, rep)
-            record(name, ms, selected_kv_bytes(), density=k / n, num_splits=ns,
-                   prior_weight=prior_weight)
-        guarded(name, _sparse)
+            def _sparse(d=d, k=k, name=name):
+                self.random_selection(k)
+                ms = self.bench(self.decode(prior_weight))
+                self.record(name, ms, self.selected_kv_bytes(), density=k / self.n,
+                            num_splits=self.ns, prior_weight=prior_weight)
+            self.guarded(name, _sparse)
 
-    # --- ours, every block selected
-    def _dense():
-        fill_dense_selection(block_table=bt, seq_lens=seq_lens, num_kv_heads=Hk, block_size=B,
-                             out_block_ids=ids, out_log_prior=lp, out_counts=counts)
-        ms = bench_ms(decode(0.0), warmup, rep)
-        record("dash-dense", ms, selected_kv_bytes(), density=1.0, num_splits=ns,
-               prior_weight=0.0)
-    guarded("dash-dense", _dense)
+        def _dense():
+            fill_dense_selection(block_table=self.bt, seq_lens=self.seq_lens,
+                                 num_kv_heads=self.Hk, block_size=self.B,
+                                 out_block_ids=self.ids, out_log_prior=self.lp,
+                                 out_counts=self.counts)
+            ms = self.bench(self.decode(0.0))
+            self.record("dash-dense", ms, self.selected_kv_bytes(), density=1.0,
+                        num_splits=self.ns, prior_weight=0.0)
+        self.guarded("dash-dense", _dense)
 
-    # --- selection hook
-    if select_fn is not None:
+    def selection(self, select_fn, densities, prior_weight):
+        """select@<d>: the hook alone; dash+select@<d>: the hook, then our decode."""
         for d in densities:
             def _sel(d=d):
                 def sel():
-                    select_fn(q=q, key_cache=k_view, value_cache=v_view, block_table=bt,
-                              seq_lens=seq_lens, block_size=B, density=d, out_block_ids=ids,
-                              out_log_prior=lp, out_counts=counts)
-                ms_sel = bench_ms(sel, warmup, rep)
+                    select_fn(q=self.q, key_cache=self.k_view, value_cache=self.v_view,
+                              block_table=self.bt, seq_lens=self.seq_lens, block_size=self.B,
+                              density=d, out_block_ids=self.ids, out_log_prior=self.lp,
+                              out_counts=self.counts)
+                ms_sel = self.bench(sel)
                 sel()
-                kvb = selected_kv_bytes()
-                record(f"select@{d:g}", ms_sel, 0)
-                dec = decode(prior_weight)
+                kvb = self.selected_kv_bytes()
+                self.record(f"select@{d:g}", ms_sel, 0)
+                dec = self.decode(prior_weight)
 
                 def both():
                     sel()
                     dec()
-                ms = bench_ms(both, warmup, rep)
-                dens = kvb / max(dense_kv_bytes, 1)
-                record(f"dash+select@{d:g}", ms, kvb, density=dens, num_splits=ns,
-                       prior_weight=prior_weight)
-            guarded(f"select@{d:g}", _sel)
+                ms = self.bench(both)
+                dens = kvb / max(self.dense_kv_bytes, 1)
+                self.record(f"dash+select@{d:g}", ms, kvb, density=dens, num_splits=self.ns,
+                            prior_weight=prior_weight)
+            self.guarded(f"select@{d:g}", _sel)
 
-    # --- torch SDPA over the same cache (identity block table)
-    if device == "cuda":
+    def dense_views(self):
+        """K, V as [batch, Hk, ctx, D] views of the cache (identity block table)."""
+        batch, n, Hk, B, D, ctx = self.batch, self.n, self.Hk, self.B, self.D, self.ctx
+        if self.layout == "nhd":
+            kk = self.kc.view(batch, n * B, Hk, D)[:, :ctx].transpose(1, 2)
+            vv = self.vc.view(batch, n * B, Hk, D)[:, :ctx].transpose(1, 2)
+            return kk, vv
+        kk = self.kc.view(batch, n, Hk, B, D).permute(0, 2, 1, 3, 4).reshape(batch, Hk, n * B, D)
+        vv = self.vc.view(batch, n, Hk, B, D).permute(0, 2, 1, 3, 4).reshape(batch, Hk, n * B, D)
+        return kk[:, :, :ctx], vv[:, :, :ctx]
+
+    def sdpa(self):
+        """torch SDPA decode through the cuDNN and flash backends (GPU only)."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        if layout == "nhd":
-            kk = kc.view(batch, n * B, Hk, D)[:, :ctx].transpose(1, 2)
-            vv = vc.view(batch, n * B, Hk, D)[:, :ctx].transpose(1, 2)
-        else:
-            kk = kc.view(batch, n, Hk, B, D).permute(0, 2, 1, 3, 4).reshape(batch, Hk, n * B, D)
-            vv = vc.view(batch, n, Hk, B, D).permute(0, 2, 1, 3, 4).reshape(batch, Hk, n * B, D)
-            kk, vv = kk[:, :, :ctx], vv[:, :, :ctx]
-        q4 = q[:, :, None, :]
+        kk, vv = self.dense_views()
+        q4 = self.q[:, :, None, :]
         for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
                               ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
             def _sdpa(name=name, backend=backend):
@@ -223,57 +270,56 @@ def run_config(*, Hq, Hk, batch, ctx, D, B, dtype, densities, prior_weight, num_
                     f = attempt(kk, vv)
                 except RuntimeError:
                     torch.cuda.synchronize()
-                    if 2 * cache_bytes > 0.85 * torch.cuda.mem_get_info()[0]:
+                    if 2 * self.cache_bytes > 0.85 * torch.cuda.mem_get_info()[0]:
                         raise
                     note = "contiguous copy of K/V, enable_gqa"
                     f = attempt(kk.contiguous(), vv.contiguous())
-                record(name, bench_ms(f, warmup, rep), dense_kv_bytes, density=1.0, note=note)
-            guarded(name, _sdpa)
+                self.record(name, self.bench(f), self.dense_kv_bytes, density=1.0, note=note)
+            self.guarded(name, _sdpa)
 
-    # --- vLLM FlashAttention-3
-    if fa3 is None:
-        if not methods or any(m.startswith("fa3") for m in methods):
-            rows.append(dict(base, method="fa3-paged", status=fa3_reason))
-    elif layout == "nhd":
-        def _fa3():
-            cu = torch.arange(batch + 1, device=device, dtype=torch.int32)
-            o = torch.empty_like(q)
-
-            def f():
-                fa3(q=q, k=kc, v=vc, max_seqlen_q=1, cu_seqlens_q=cu, max_seqlen_k=ctx,
-                    seqused_k=seq_lens, softmax_scale=1.0 / math.sqrt(D), causal=True,
-                    block_table=bt, out=o, fa_version=3)
-            record("fa3-paged", bench_ms(f, warmup, rep), dense_kv_bytes, density=1.0)
-        guarded("fa3-paged", _fa3)
-    else:
-        # head-major cache: page (b, h) = b * Hk + h; one pseudo-sequence per (seq, KV head)
-        for d in densities:
-            k = max(1, min(n, round(d * n)))
-
-            def _fa3s(d=d, k=k):
-                random_selection(bt, Hk, n, k, ids, lp, counts, gen)
-                table = torch.empty(batch * Hk, ids.shape[2], device=device, dtype=torch.int32)
-                used = torch.empty(batch * Hk, device=device, dtype=torch.int32)
-                compact_head_major_tables(block_ids=ids, counts=counts, seq_lens=seq_lens,
-                                          block_size=B, out_block_table=table,
-                                          out_seqused_k=used)
-                qq = queries_as_groups(q, Hk)
-                cu = torch.arange(batch * Hk + 1, device=device, dtype=torch.int32)
-                o = torch.empty_like(qq)
-                kp, vp = head_major_page_view(kc), head_major_page_view(vc)
+    def fa3(self, fa3, fa3_reason, densities):
+        """vLLM's FA3: paged dense decode (NHD), or over compacted tables (head-major)."""
+        if fa3 is None:
+            if not self.methods or any(m.startswith("fa3") for m in self.methods):
+                self.rows.append(dict(self.base, method="fa3-paged", status=fa3_reason))
+            return
+        scale = 1.0 / math.sqrt(self.D)
+        if self.layout == "nhd":
+            def _fa3():
+                cu = torch.arange(self.batch + 1, device=self.device, dtype=torch.int32)
+                o = torch.empty_like(self.q)
 
                 def f():
-                    fa3(q=qq, k=kp, v=vp, max_seqlen_q=1, cu_seqlens_q=cu, max_seqlen_k=k * B,
-                        seqused_k=used, softmax_scale=1.0 / math.sqrt(D), causal=True,
-                        block_table=table, out=o, fa_version=3)
-                record(f"fa3-sparse@{d:g}", bench_ms(f, warmup, rep), selected_kv_bytes(),
-                       density=k / n, prior_weight=0.0)
-            guarded(f"fa3-sparse@{d:g}", _fa3s)
+                    fa3(q=self.q, k=self.kc, v=self.vc, max_seqlen_q=1, cu_seqlens_q=cu,
+                        max_seqlen_k=self.ctx, seqused_k=self.seq_lens, softmax_scale=scale,
+                        causal=True, block_table=self.bt, out=o, fa_version=3)
+                self.record("fa3-paged", self.bench(f), self.dense_kv_bytes, density=1.0)
+            self.guarded("fa3-paged", _fa3)
+            return
+        # head-major cache: page (b, h) = b * Hk + h; one pseudo-sequence per (seq, KV head)
+        for d in densities:
+            k = max(1, min(self.n, round(d * self.n)))
+            self.guarded(f"fa3-sparse@{d:g}", lambda d=d, k=k: self._fa3_sparse(fa3, d, k))
 
-    del kc, vc
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return rows
+    def _fa3_sparse(self, fa3, d, k):
+        self.random_selection(k)
+        rows = self.batch * self.Hk
+        table = torch.empty(rows, self.ids.shape[2], device=self.device, dtype=torch.int32)
+        used = torch.empty(rows, device=self.device, dtype=torch.int32)
+        compact_head_major_tables(block_ids=self.ids, counts=self.counts,
+                                  seq_lens=self.seq_lens, block_size=self.B,
+                                  out_block_table=table, out_seqused_k=used)
+        qq = queries_as_groups(self.q, self.Hk)
+        cu = torch.arange(rows + 1, device=self.device, dtype=torch.int32)
+        o = torch.empty_like(qq)
+        kp, vp = head_major_page_view(self.kc), head_major_page_view(self.vc)
+
+        def f():
+            fa3(q=qq, k=kp, v=vp, max_seqlen_q=1, cu_seqlens_q=cu, max_seqlen_k=k * self.B,
+                seqused_k=used, softmax_scale=1.0 / math.sqrt(self.D), causal=True,
+                block_table=table, out=o, fa_version=3)
+        self.record(f"fa3-sparse@{d:g}", self.bench(f), self.selected_kv_bytes(),
+                    density=k / self.n, prior_weight=0.0)
 
 
 # --------------------------------------------------------------------------------------
