@@ -36,9 +36,9 @@ from typing import Optional
 
 import torch
 
-from vllm_dash.kernels.checks import check_decode, check_heads, check_select, check_write
-from vllm_dash.kernels.params import DashParams, check_scale
-from vllm_dash.kernels.reference_entmax import ENTMAX_N_ITER, ENTMAX_TOL, entmax, entmax_threshold
+from .checks import check_decode, check_heads, check_select, check_write
+from .params import DashParams, check_scale
+from .reference_entmax import ENTMAX_N_ITER, ENTMAX_TOL, entmax, entmax_threshold
 
 __all__ = [
     "DashParams",
