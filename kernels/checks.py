@@ -6,9 +6,30 @@ triton and no vLLM import here.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["check_heads", "check_write", "check_select", "check_output", "check_decode"]
+from .params import DashParams, is_number
+
+__all__ = ["check_call", "check_block_size", "check_heads", "check_write", "check_select",
+           "check_output", "check_decode"]
+
+
+def check_call(params: DashParams, block_size: int, scale=None) -> None:
+    """What every entry point checks besides shapes: a DashParams (valid by construction),
+    a power-of-two block size and the softmax scale (a model fact, not a knob)."""
+    if not isinstance(params, DashParams):
+        raise TypeError(f"params must be a DashParams, got {type(params).__name__}")
+    check_block_size(block_size)
+    if scale is not None and (not is_number(scale) or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
+
+
+def check_block_size(block_size) -> None:
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1 \
+            or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a positive power of two, got {block_size!r}")
 
 
 def check_heads(num_q_heads: int, num_kv_heads: int) -> int:

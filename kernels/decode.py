@@ -50,8 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference as ref
-from .checks import check_decode
+from .checks import check_call, check_decode
 from .params import DashParams
 
 __all__ = [
@@ -346,7 +345,7 @@ def sparse_decode(*, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     ``num_splits`` None: :func:`choose_num_splits` (capped by the workspace).
     ``num_warps``/``num_stages``: launch tuning (defaults by shape).
     """
-    ref._check_args(params, block_size, scale)
+    check_call(params, block_size, scale)
     S, Hq, D, B, Hk = check_decode(q, key_cache, value_cache, block_ids, log_prior, counts,
                                    seq_lens, out, block_size)
     prior_weight = params.prior_weight

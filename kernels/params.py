@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["DashParams", "RULES", "SCORE_NORMS", "PRIOR_NORMS", "SELECTORS"]
+__all__ = ["DashParams", "RULES", "SCORE_NORMS", "PRIOR_NORMS", "SELECTORS", "is_number"]
 
 SCORE_NORMS = ("none", "standardize")
 PRIOR_NORMS = ("none", "max")
@@ -48,7 +48,8 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
+def is_number(v) -> bool:
+    """A real number (bools are not)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -81,13 +82,13 @@ class DashParams:
     def bad_key(self) -> Optional[str]:
         """The first key whose value breaks its rule, or None."""
         a = self.alpha
-        if not _is_number(a) or not (1.0 < a <= 2.0):
+        if not is_number(a) or not (1.0 < a <= 2.0):
             return "alpha"
         s = self.score_scale
-        if not _is_number(s) or not math.isfinite(s) or s < 0:
+        if not is_number(s) or not math.isfinite(s) or s < 0:
             return "score_scale"
         w = self.prior_weight
-        if not _is_number(w) or not (0.0 <= w <= 1.0):
+        if not is_number(w) or not (0.0 <= w <= 1.0):
             return "prior_weight"
         for key in ("sink_blocks", "local_blocks", "min_blocks", "dense_below"):
             if not _is_int(getattr(self, key)) or getattr(self, key) < 0:
@@ -111,9 +112,3 @@ class DashParams:
         if key is not None:
             raise ValueError(f"{key}={getattr(self, key)!r} is invalid: must be {RULES[key]}")
         return self
-
-
-def check_scale(scale) -> None:
-    """The softmax scale of the attention layer (a model fact, not a knob)."""
-    if scale is not None and (not _is_number(scale) or not math.isfinite(scale) or scale <= 0):
-        raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")

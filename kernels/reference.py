@@ -36,8 +36,9 @@ from typing import Optional
 
 import torch
 
-from .checks import check_decode, check_heads, check_select, check_write
-from .params import DashParams, check_scale
+from .checks import (check_block_size, check_call, check_decode, check_heads, check_select,
+                     check_write)
+from .params import DashParams
 from .reference_entmax import ENTMAX_N_ITER, ENTMAX_TOL, entmax, entmax_threshold
 
 __all__ = [
@@ -68,23 +69,6 @@ STD_EPS = 1e-6
 TINY = torch.finfo(torch.float32).tiny
 
 
-# --------------------------------------------------------------------------------------
-# argument checks: the knobs are checked once, when their DashParams is built; here only
-# what a call adds (shapes, block size, softmax scale)
-# --------------------------------------------------------------------------------------
-def _check_args(params: DashParams, block_size: int, scale=None) -> None:
-    if not isinstance(params, DashParams):
-        raise TypeError(f"params must be a DashParams, got {type(params).__name__}")
-    _check_block_size(block_size)
-    check_scale(scale)
-
-
-def _check_block_size(block_size) -> None:
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1 \
-            or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a positive power of two, got {block_size!r}")
-
-
 def _seq_lens_tensor(seq_lens, num_seqs: int, max_len: int, device) -> torch.Tensor:
     if seq_lens is None:
         return torch.full((num_seqs,), max_len, dtype=torch.long, device=device)
@@ -110,7 +94,7 @@ def block_summaries(k: torch.Tensor, block_size: int, seq_lens=None) -> torch.Te
     k [num_seqs, Hk, L_max, D] -> fp32 [num_seqs, Hk, n_max, D], n_max = ceil(L_max / B);
     blocks past a sequence's end are zero.
     """
-    _check_block_size(block_size)
+    check_block_size(block_size)
     S, Hk, L, D = k.shape
     lens = _seq_lens_tensor(seq_lens, S, L, k.device)
     n_max = -(-L // block_size)
@@ -234,7 +218,7 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, seq_lens, *, params:
       * selector "topk": no entmax (p and pbar are zero, so nothing beyond the floor): the
         selection is the forced blocks plus the floor (min_blocks >= 1 is the k).
     """
-    _check_args(params, block_size, scale)
+    check_call(params, block_size, scale)
     S, Hq, D = q.shape
     Hk, n_max = summaries.shape[1], summaries.shape[2]
     G = check_heads(Hq, Hk)
@@ -329,7 +313,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selectio
                      *, params: DashParams, scale: Optional[float] = None) -> torch.Tensor:
     """Stage 2 on a contiguous cache: q [S, Hq, D], k/v [S, Hk, L_max, D] -> [S, Hq, D]
     (q's dtype; computed in fp32). Of ``params`` only prior_weight is used here."""
-    _check_args(params, selection.block_size, scale)
+    check_call(params, selection.block_size, scale)
     prior_weight = params.prior_weight
     S, Hq, D = q.shape
     Hk, L = k.shape[1], k.shape[2]
@@ -378,7 +362,7 @@ def dash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, params:
     :class:`Selection` and, per (sequence, KV head), ``block_ids`` (logical, ascending, -1
     padded), ``counts``, ``selected_tokens`` and ``density`` (selected tokens / context).
     """
-    _check_args(params, block_size, scale)
+    check_call(params, block_size, scale)
     _check_shapes(q, k, v)
     lens = _seq_lens_tensor(seq_lens, q.shape[0], k.shape[2], q.device)
     kbar = block_summaries(k, block_size, lens)
@@ -403,7 +387,7 @@ def dash_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     if block_size is not None and block_size != B:
         raise ValueError(f"block_size ({block_size}) does not match the cache's block "
                          f"dimension ({B})")
-    _check_args(params, B, scale)
+    check_call(params, B, scale)
     if key_cache.shape != value_cache.shape:
         raise ValueError(f"value_cache shape {tuple(value_cache.shape)} differs from "
                          f"key_cache shape {tuple(key_cache.shape)}")
@@ -508,7 +492,7 @@ def sparse_decode(*, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     num_splits/workspace/num_warps/num_stages are accepted and ignored): gather the listed
     blocks of each (sequence, KV head), drop the current block's unwritten slots, and run
     plain softmax attention in fp32. Host-syncing; for tests and the CPU path only."""
-    _check_args(params, block_size, scale)
+    check_call(params, block_size, scale)
     S, Hq, D, B, Hk = check_decode(q, key_cache, value_cache, block_ids, log_prior, counts,
                                    seq_lens, out, block_size)
     G = Hq // Hk

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
-from .checks import check_heads, check_output, check_select
+from .checks import check_call, check_heads, check_output, check_select
 from .entmax import (ENTMAX_ITERS, _cap_keep, _kth_largest, _kth_largest_tiled, _skey,
                      _threshold_resident, _threshold_tiled)
 from .params import DashParams
@@ -460,7 +460,7 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
     an int (a power of two >= 16) forces the tiled loops with that many blocks per tile
     (tests use small tiles to exercise the carries between tiles).
     """
-    ref._check_args(params, block_size, scale)
+    check_call(params, block_size, scale)
     S, Hq, D, Hk, G, nmax = check_select(q, summaries, block_table, seq_lens)
     check_output("out_block_ids", out_block_ids, torch.int32, S, Hk, nmax)
     check_output("out_log_prior", out_log_prior, torch.float32, S, Hk, nmax)

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from vllm_dash.kernels.params import RULES, DashParams
+from vllm_dash.kernels.params import RULES, DashParams, is_number
 from vllm_dash.layout import SUPPORTED_BLOCK_SIZES
 
 __all__ = ["DashConfig", "SUPPORTED_BLOCK_SIZES", "config_help", "engine_config"]
@@ -123,7 +123,7 @@ class DashConfig:
         if not isinstance(si, int) or isinstance(si, bool) or si < 0:
             raise bad("stats_interval", si)
         scales = self.score_scale if isinstance(self.score_scale, tuple) else (self.score_scale,)
-        if not scales or any(not _is_number(s) or not math.isfinite(s) or s < 0 for s in scales):
+        if not scales or any(not is_number(s) or not math.isfinite(s) or s < 0 for s in scales):
             raise bad("score_scale", self.score_scale)
         if self.score_scale_file is not None and not isinstance(self.score_scale_file, str):
             raise bad("score_scale_file", self.score_scale_file)
@@ -162,11 +162,7 @@ class DashConfig:
 def _as_float(v):
     """JSON ints (alpha 2, prior_weight 1) as floats; anything else unchanged (and
     rejected by DashParams with its rule)."""
-    return float(v) if _is_number(v) else v
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return float(v) if is_number(v) else v
 
 
 def _load_scale_file(path: str) -> tuple:
