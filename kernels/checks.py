@@ -10,10 +10,10 @@ import math
 
 import torch
 
-from .params import DashParams, is_number
+from .params import DashParams, is_number, summary_dim
 
-__all__ = ["check_call", "check_block_size", "check_heads", "check_write", "check_select",
-           "check_output", "check_decode"]
+__all__ = ["check_call", "check_block_size", "check_heads", "check_summary", "check_write",
+           "check_select", "check_output", "check_decode"]
 
 
 def check_call(params: DashParams, block_size: int, scale=None) -> None:
@@ -41,7 +41,33 @@ def check_heads(num_q_heads: int, num_kv_heads: int) -> int:
     return num_q_heads // num_kv_heads
 
 
-def check_write(key, value, key_cache, value_cache, summaries, slot_mapping) -> None:
+def check_summary(summary, pool, num_kv_heads: int, head_size: int, *,
+                  need_pool: bool = True) -> int:
+    """The summary kind and its pooling vectors; returns the summary's last dim Ds.
+
+    ``pool`` (DashAttention's per-layer ``indexer_q`` as [Hk, D]) belongs to "attn_pool" only:
+    required there (unless ``need_pool`` is False: the caller brings ready summaries), an
+    error with any other kind (a pool silently ignored would hide a configuration mistake).
+    """
+    ds = summary_dim(summary, head_size)          # ValueError naming summary and the kinds
+    if pool is None:
+        if summary == "attn_pool" and need_pool:
+            raise ValueError("summary='attn_pool' needs pool: the fp32 [Hk, D] pooling "
+                             f"vectors of this layer ([{num_kv_heads}, {head_size}]), got None")
+        return ds
+    if summary != "attn_pool":
+        raise ValueError(f"pool is only used with summary='attn_pool', got summary={summary!r} "
+                         f"and a pool {tuple(pool.shape)}: pass pool=None")
+    if not isinstance(pool, torch.Tensor) or pool.dtype != torch.float32 or \
+            tuple(pool.shape) != (num_kv_heads, head_size):
+        got = (f"{pool.dtype} {tuple(pool.shape)}" if isinstance(pool, torch.Tensor)
+               else type(pool).__name__)
+        raise ValueError(f"pool must be fp32 [Hk={num_kv_heads}, D={head_size}], got {got}")
+    return ds
+
+
+def check_write(key, value, key_cache, value_cache, summaries, slot_mapping,
+                summary: str = "mean", pool=None) -> None:
     """Shapes of the cache write (:func:`summaries.write_kv_and_summaries` and its twin)."""
     if key.dim() != 3 or value.shape != key.shape:
         raise ValueError(f"key and value must both be [T, Hk, D], got key {tuple(key.shape)}, "
@@ -55,25 +81,29 @@ def check_write(key, value, key_cache, value_cache, summaries, slot_mapping) -> 
                          f"({Hk}, {D})")
     if B < 1 or B & (B - 1):
         raise ValueError(f"block size must be a power of two, got {B}")
+    ds = check_summary(summary, pool, Hk, D)
     if summaries.dtype != torch.float32 or summaries.dim() != 3 or \
-            summaries.shape[1:] != (Hk, D) or summaries.shape[0] < nb:
-        raise ValueError(f"summaries must be fp32 [num_blocks>={nb}, {Hk}, {D}], got "
-                         f"{summaries.dtype} {tuple(summaries.shape)}")
+            summaries.shape[1:] != (Hk, ds) or summaries.shape[0] < nb:
+        raise ValueError(f"summaries must be fp32 [num_blocks>={nb}, {Hk}, {ds}] for "
+                         f"summary={summary!r}, got {summaries.dtype} "
+                         f"{tuple(summaries.shape)}")
     if slot_mapping.dim() != 1 or slot_mapping.shape[0] != key.shape[0] or \
             slot_mapping.dtype.is_floating_point:
         raise ValueError(f"slot_mapping must be an integer tensor [T={key.shape[0]}], got "
                          f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}")
 
 
-def check_select(q, summaries, block_table, seq_lens):
+def check_select(q, summaries, block_table, seq_lens, summary: str = "mean"):
     """Shapes of stage 1's inputs (:func:`select.select_blocks_paged` and its twin);
     returns (S, Hq, D, Hk, G, max_blocks_per_seq)."""
     if q.dim() != 3:
         raise ValueError(f"q must be [num_seqs, Hq, D], got {tuple(q.shape)}")
     S, Hq, D = q.shape
-    if summaries.dim() != 3 or summaries.dtype != torch.float32 or summaries.shape[2] != D:
-        raise ValueError(f"summaries must be fp32 [num_blocks, Hk, D={D}], got "
-                         f"{summaries.dtype} {tuple(summaries.shape)}")
+    ds = summary_dim(summary, D)
+    if summaries.dim() != 3 or summaries.dtype != torch.float32 or summaries.shape[2] != ds:
+        raise ValueError(f"summaries must be fp32 [num_blocks, Hk, {ds}] for "
+                         f"summary={summary!r} (D={D}), got {summaries.dtype} "
+                         f"{tuple(summaries.shape)}")
     Hk = summaries.shape[1]
     G = check_heads(Hq, Hk)
     if block_table.dim() != 2 or block_table.shape[0] < S or block_table.dtype.is_floating_point:

@@ -18,7 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["DashParams", "RULES", "SCORE_NORMS", "PRIOR_NORMS", "SELECTORS", "is_number"]
+__all__ = ["DashParams", "RULES", "SCORE_NORMS", "PRIOR_NORMS", "SELECTORS", "SUMMARY_KINDS",
+           "is_number", "summary_dim"]
 
 SCORE_NORMS = ("none", "standardize")
 PRIOR_NORMS = ("none", "max")
@@ -26,6 +27,12 @@ PRIOR_NORMS = ("none", "max")
 #: keeps only the forced blocks and each head's min_blocks highest scores (union over the
 #: GQA group), all with prior 1 (Quest / InfLLM-v2 style top-k on the same summaries).
 SELECTORS = ("entmax", "topk")
+#: What a block's summary holds and how stage 1 scores it (reference_summaries.py):
+#: "mean": the mean key, u = scale * q . kbar; "minmax": per-channel min and max of the keys
+#: (Quest), u = scale * sum_d max(q_d min_d, q_d max_d), an upper bound of the block's best
+#: logit (twice the bytes); "attn_pool": the keys pooled by softmax(pool_h . k / sqrt(D)) with
+#: a learned per-(layer, KV head) vector pool_h (DashAttention's indexer_q), scored like mean.
+SUMMARY_KINDS = ("mean", "minmax", "attn_pool")
 
 #: key -> the allowed values, in words: the one source for error messages and help.
 RULES = {
@@ -41,7 +48,16 @@ RULES = {
     "max_blocks": "null or an integer >= sink_blocks + max(local_blocks, 1)",
     "dense_below": "an integer >= 0 (tokens)",
     "selector": f"one of {list(SELECTORS)}",
+    "summary": f"one of {list(SUMMARY_KINDS)}",
 }
+
+
+def summary_dim(summary: str, head_size: int) -> int:
+    """Last dimension of a block summary of this kind: 2 * D for "minmax" (min, then max),
+    D otherwise."""
+    if summary not in SUMMARY_KINDS:
+        raise ValueError(f"summary={summary!r} is invalid: must be {RULES['summary']}")
+    return 2 * head_size if summary == "minmax" else head_size
 
 
 def _is_int(v) -> bool:
@@ -67,6 +83,7 @@ class DashParams:
     max_blocks: Optional[int] = None
     dense_below: int = 0
     selector: str = "entmax"
+    summary: str = "mean"
 
     def __post_init__(self):
         self.validate()          # every DashParams that exists is valid
@@ -98,7 +115,7 @@ class DashParams:
                                or mb < self.sink_blocks + max(self.local_blocks, 1)):
             return "max_blocks"
         for key, values in (("score_norm", SCORE_NORMS), ("prior_norm", PRIOR_NORMS),
-                            ("selector", SELECTORS)):
+                            ("selector", SELECTORS), ("summary", SUMMARY_KINDS)):
             if getattr(self, key) not in values:
                 return key
         if self.selector == "topk" and self.min_blocks < 1:

@@ -16,7 +16,8 @@ Conventions (vLLM's):
     one (``n - 1``, ``n = ceil(L / B)``) is the current, possibly partial, block.
 
 The method, per sequence and KV head (G query heads):
-  stage 1   u_hc = scale * (q_h . kbar_c)            (kbar_c: mean of the block's keys)
+  stage 1   u_hc = scale * (q_h . kbar_c)            (kbar_c: the block's summary; kinds
+                                                     and their scores: reference_summaries)
             z_hc = score_scale * u_hc                 (score_norm "none")
                  = score_scale * (u_hc - mean_c u_h) / std_c u_h      ("standardize")
             p_h  = alpha-entmax(z_h) over the sequence's blocks
@@ -36,9 +37,11 @@ from typing import Optional
 
 import torch
 
-from .checks import (check_block_size, check_call, check_decode, check_heads, check_select,
-                     check_write)
+from .checks import check_call, check_decode, check_heads, check_select, check_summary
 from .params import DashParams
+from .reference_summaries import (_num_blocks, _seq_lens_tensor, block_summaries,
+                                  block_summaries_paged, summarize_blocks, summary_scores,
+                                  write_kv_and_summaries)
 from .reference_entmax import ENTMAX_N_ITER, ENTMAX_TOL, entmax, entmax_threshold
 
 __all__ = [
@@ -50,6 +53,8 @@ __all__ = [
     "entmax_threshold",
     "block_summaries",
     "block_summaries_paged",
+    "summarize_blocks",
+    "summary_scores",
     "gather_paged",
     "Selection",
     "select_blocks",
@@ -69,68 +74,9 @@ STD_EPS = 1e-6
 TINY = torch.finfo(torch.float32).tiny
 
 
-def _seq_lens_tensor(seq_lens, num_seqs: int, max_len: int, device) -> torch.Tensor:
-    if seq_lens is None:
-        return torch.full((num_seqs,), max_len, dtype=torch.long, device=device)
-    lens = torch.as_tensor(seq_lens, device=device).to(torch.long).reshape(-1)
-    if lens.numel() != num_seqs:
-        raise ValueError(f"seq_lens must have one entry per sequence ({num_seqs}), "
-                         f"got {lens.numel()}")
-    if num_seqs and (int(lens.min()) < 1 or int(lens.max()) > max_len):
-        raise ValueError(f"seq_lens must be in [1, {max_len}], got {lens.tolist()}")
-    return lens
-
-
-def _num_blocks(lens: torch.Tensor, block_size: int) -> torch.Tensor:
-    return (lens + block_size - 1) // block_size
-
-
 # --------------------------------------------------------------------------------------
-# block summaries
+# block summaries: reference_summaries.py (re-exported here)
 # --------------------------------------------------------------------------------------
-def block_summaries(k: torch.Tensor, block_size: int, seq_lens=None) -> torch.Tensor:
-    """Mean of the present keys of every block, contiguous cache.
-
-    k [num_seqs, Hk, L_max, D] -> fp32 [num_seqs, Hk, n_max, D], n_max = ceil(L_max / B);
-    blocks past a sequence's end are zero.
-    """
-    check_block_size(block_size)
-    S, Hk, L, D = k.shape
-    lens = _seq_lens_tensor(seq_lens, S, L, k.device)
-    n_max = -(-L // block_size)
-    pad = n_max * block_size - L
-    present = (torch.arange(n_max * block_size, device=k.device)[None, :] < lens[:, None])
-    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad))
-    kf = torch.where(present[:, None, :, None], kf, 0.0)   # slots past the end may hold NaN
-    sums = kf.view(S, Hk, n_max, block_size, D).sum(3)
-    counts = present.view(S, n_max, block_size).sum(-1).float()
-    return sums / counts.clamp_min(1.0)[:, None, :, None]
-
-
-def block_summaries_paged(key_cache: torch.Tensor, block_table: torch.Tensor, seq_lens,
-                          num_blocks: Optional[int] = None) -> torch.Tensor:
-    """Mean of the present keys of every block, paged cache, indexed by physical block id.
-
-    key_cache [num_blocks, B, Hk, D], block_table [num_seqs, max_blocks] -> fp32
-    [num_blocks, Hk, D]. A block's fill is taken from the sequences that reference it
-    (a block shared through prefix caching is full in all of them); blocks no sequence
-    references stay zero. A summary is a pure function of the block's contents.
-    """
-    nb, B, Hk, D = key_cache.shape
-    num_blocks = nb if num_blocks is None else num_blocks
-    lens = _seq_lens_tensor(seq_lens, block_table.shape[0], block_table.shape[1] * B,
-                            key_cache.device)
-    fill = torch.zeros(num_blocks, dtype=torch.long, device=key_cache.device)
-    for s in range(block_table.shape[0]):
-        n = int(_num_blocks(lens[s], B))
-        ids = block_table[s, :n].long()
-        f = (lens[s] - torch.arange(n, device=key_cache.device) * B).clamp(max=B)
-        fill[ids] = torch.maximum(fill[ids], f)
-    present = torch.arange(B, device=key_cache.device)[None, :] < fill[:, None]
-    sums = torch.where(present[:, :, None, None], key_cache[:num_blocks].float(), 0.0).sum(1)
-    return sums / fill.clamp_min(1).float()[:, None, None]
-
-
 def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, seq_lens) -> torch.Tensor:
     """Paged cache [num_blocks, B, Hk, D] -> contiguous [num_seqs, Hk, n_max * B, D] in
     each sequence's logical order (slots past a sequence's end are zero)."""
@@ -207,7 +153,8 @@ class Selection:
 def select_blocks(q: torch.Tensor, summaries: torch.Tensor, seq_lens, *, params: DashParams,
                   block_size: int, scale: Optional[float] = None) -> Selection:
     """Stage 1 for decode queries q [S, Hq, D] against per-sequence block summaries
-    [S, Hk, n_max, D] (logical order). See the module docstring for the rules.
+    [S, Hk, n_max, Ds] (logical order; Ds = summary_dim(params.summary, D)). See the module
+    docstring for the rules.
 
     Details fixed here:
       * standardize uses the population std over the sequence's blocks, floored at STD_EPS;
@@ -222,6 +169,10 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, seq_lens, *, params:
     S, Hq, D = q.shape
     Hk, n_max = summaries.shape[1], summaries.shape[2]
     G = check_heads(Hq, Hk)
+    ds = check_summary(params.summary, None, Hk, D, need_pool=False)
+    if summaries.dim() != 4 or summaries.shape[0] != S or summaries.shape[3] != ds:
+        raise ValueError(f"summaries must be [S={S}, Hk, n_max, {ds}] for "
+                         f"summary={params.summary!r} (D={D}), got {tuple(summaries.shape)}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     lens = _seq_lens_tensor(seq_lens, S, n_max * block_size, q.device)
     n = _num_blocks(lens, block_size)
@@ -265,11 +216,9 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, seq_lens, *, params:
 
 
 def _block_scores(q, summaries, valid, n, params: DashParams, scale: float) -> torch.Tensor:
-    """z [S, Hq, n_max]: u_hc = scale * q_h . kbar_c, then score_norm and score_scale;
-    -inf past each sequence's blocks."""
-    G = q.shape[1] // summaries.shape[1]
-    kbar = summaries.float().repeat_interleave(G, dim=1)               # [S, Hq, n_max, D]
-    u = scale * torch.einsum("shd,shcd->shc", q.float(), kbar)
+    """z [S, Hq, n_max]: u_hc (params.summary's score, reference_summaries.summary_scores),
+    then score_norm and score_scale; -inf past each sequence's blocks."""
+    u = summary_scores(q, summaries, params.summary, scale)
     if params.score_norm == "standardize":
         w = valid[:, None, :].float()
         mean = (u * w).sum(-1, keepdim=True) / n[:, None, None]
@@ -354,18 +303,21 @@ def _info(sel: Selection, block_table: Optional[torch.Tensor] = None) -> dict:
 
 
 def dash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, params: DashParams,
-                   block_size: int, scale: Optional[float] = None, seq_lens=None):
+                   block_size: int, scale: Optional[float] = None, seq_lens=None,
+                   pool: Optional[torch.Tensor] = None):
     """One DASH decode step on a contiguous cache.
 
     q [S, Hq, D]; k, v [S, Hk, L_max, D]; ``seq_lens`` [S] per-sequence context lengths
     (default: all L_max). Returns ``(out [S, Hq, D], info)``; info holds the
     :class:`Selection` and, per (sequence, KV head), ``block_ids`` (logical, ascending, -1
     padded), ``counts``, ``selected_tokens`` and ``density`` (selected tokens / context).
+    The summaries are of kind ``params.summary``; ``pool`` fp32 [Hk, D]: the pooling
+    vectors "attn_pool" needs (and no other kind accepts).
     """
     check_call(params, block_size, scale)
     _check_shapes(q, k, v)
     lens = _seq_lens_tensor(seq_lens, q.shape[0], k.shape[2], q.device)
-    kbar = block_summaries(k, block_size, lens)
+    kbar = block_summaries(k, block_size, lens, summary=params.summary, pool=pool)
     sel = select_blocks(q, kbar, lens, params=params, block_size=block_size, scale=scale)
     out = sparse_attention(q, k, v, sel, params=params, scale=scale)
     return out, _info(sel)
@@ -374,14 +326,16 @@ def dash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, params:
 def dash_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                          block_table: torch.Tensor, seq_lens, *, params: DashParams,
                          summaries: Optional[torch.Tensor] = None,
-                         scale: Optional[float] = None, block_size: Optional[int] = None):
+                         scale: Optional[float] = None, block_size: Optional[int] = None,
+                         pool: Optional[torch.Tensor] = None):
     """One DASH decode step on vLLM's paged layout.
 
     q [S, Hq, D]; key_cache/value_cache [num_blocks, B, Hk, D]; block_table [S, max_blocks]
     (physical ids; entries past a sequence's blocks are ignored); seq_lens [S].
-    ``summaries`` [num_blocks, Hk, D] are the maintained block summaries (computed from the
-    cache when omitted). Same result and info as :func:`dash_attention`, with
-    ``block_ids`` physical. ``block_size``, when given, must match the cache's.
+    ``summaries`` [num_blocks, Hk, Ds] are the maintained block summaries of kind
+    ``params.summary`` (computed from the cache when omitted, with ``pool`` for
+    "attn_pool"). Same result and info as :func:`dash_attention`, with ``block_ids``
+    physical. ``block_size``, when given, must match the cache's.
     """
     B = key_cache.shape[1]
     if block_size is not None and block_size != B:
@@ -398,14 +352,17 @@ def dash_attention_paged(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         raise ValueError(f"block_table must be [num_seqs={q.shape[0]}, max_blocks], got "
                          f"{tuple(block_table.shape)}")
     check_heads(q.shape[1], key_cache.shape[2])
+    check_summary(params.summary, pool, key_cache.shape[2], key_cache.shape[3],
+                  need_pool=summaries is None)
     lens = _seq_lens_tensor(seq_lens, q.shape[0], block_table.shape[1] * B, q.device)
     if summaries is None:
-        summaries = block_summaries_paged(key_cache, block_table, lens)
+        summaries = block_summaries_paged(key_cache, block_table, lens,
+                                          summary=params.summary, pool=pool)
     k = gather_paged(key_cache, block_table, lens)
     v = gather_paged(value_cache, block_table, lens)
     n_max = k.shape[2] // B
     ids = block_table[:, :n_max].long().clamp(0, summaries.shape[0] - 1)
-    kbar = summaries[ids].permute(0, 2, 1, 3)                # [S, Hk, n_max, D]
+    kbar = summaries[ids].permute(0, 2, 1, 3)                # [S, Hk, n_max, Ds]
     sel = select_blocks(q, kbar, lens, params=params, block_size=B, scale=scale)
     out = sparse_attention(q, k, v, sel, params=params, scale=scale)
     return out, _info(sel, block_table)
@@ -427,30 +384,6 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 # twins of the Triton entry points: same names and keyword arguments (outputs returned
 # where the kernel writes preallocated buffers); every kernel test compares against them
 # --------------------------------------------------------------------------------------
-def write_kv_and_summaries(*, key: torch.Tensor, value: torch.Tensor,
-                           key_cache: torch.Tensor, value_cache: torch.Tensor,
-                           summaries: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Twin of :func:`summaries.write_kv_and_summaries` (same arguments and effect): write
-    K/V, then set each touched block's summary to the mean of its slots [0, fill)."""
-    check_write(key, value, key_cache, value_cache, summaries, slot_mapping)
-    B = key_cache.shape[1]
-    slots = slot_mapping.long()
-    keep = slots >= 0
-    slots = slots[keep]
-    if slots.numel() == 0:
-        return
-    blocks, offsets = slots // B, slots % B
-    key_cache[blocks, offsets] = key[keep].to(key_cache.dtype)
-    value_cache[blocks, offsets] = value[keep].to(value_cache.dtype)
-    touched = torch.unique(blocks)
-    fill = torch.zeros(key_cache.shape[0], dtype=torch.long, device=key.device)
-    fill.scatter_reduce_(0, blocks, offsets + 1, reduce="amax")
-    fill = fill[touched]                                           # [n_touched]
-    present = torch.arange(B, device=key.device)[None, :] < fill[:, None]
-    sums = (key_cache[touched].float() * present[:, :, None, None]).sum(1)
-    summaries[touched] = sums / fill.float()[:, None, None]
-
-
 def selection_to_compact(sel: Selection, block_table: torch.Tensor):
     """A :class:`Selection` -> the selection kernel's compacted format.
 
@@ -475,11 +408,12 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
     """Twin of :func:`select.select_blocks_paged`: gather the sequences' summaries through
     the block table, run :func:`select_blocks`, compact. Returns
     ``(block_ids, log_prior, counts, selection)`` (see :func:`selection_to_compact`)."""
-    S = check_select(q, summaries, block_table, seq_lens)[0]
+    check_call(params, block_size, scale)
+    S = check_select(q, summaries, block_table, seq_lens, params.summary)[0]
     lens = seq_lens[:S].long()
     n_max = int(((lens.max() + block_size - 1) // block_size).item()) if S else 0
     ids = block_table[:S, :n_max].long().clamp(0, summaries.shape[0] - 1)
-    kbar = summaries[ids].permute(0, 2, 1, 3)                  # [S, Hk, n_max, D]
+    kbar = summaries[ids].permute(0, 2, 1, 3)                  # [S, Hk, n_max, Ds]
     sel = select_blocks(q, kbar, lens, params=params, block_size=block_size, scale=scale)
     return (*selection_to_compact(sel, block_table[:S]), sel)
 
