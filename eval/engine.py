@@ -16,6 +16,12 @@ short keeps them):
                                          one per finished (method, length)
   {"skipped": [names]}                   DASH methods not started (deadline, no grid)
 
+A DASH engine starts with the spec's ``engine_dash`` (the DASH config of --additional-config:
+its summary kind and summary file are engine settings that every method of the engine
+shares; default: methods.BASE). The spec engine "recall" starts no vLLM engine: it runs
+:func:`vllm_dash.eval.recall.measure_recall` (transformers) one length at a time and sends
+``{"recall": [rows]}`` per length.
+
 DASH methods share the one eager engine: between methods, ``set_runtime_config`` switches the
 DASH config of every attention layer in place; prefix caching keeps the prompts' KV, so a
 method costs only its decode steps. The measured density comes from the backend's statistics
@@ -65,7 +71,8 @@ def engine_kwargs(spec: dict, dash_engine: bool) -> dict:
                                                               * (1 << 30)),
                   max_num_batched_tokens=spec.get("max_num_batched_tokens", 2048))
     if dash_engine:
-        kw.update(attention_backend="CUSTOM", additional_config={"dash": dict(M.BASE)})
+        kw.update(attention_backend="CUSTOM",
+                  additional_config={"dash": dict(spec.get("engine_dash") or M.BASE)})
     return kw
 
 
@@ -104,9 +111,13 @@ def run_dash(llm, spec: dict) -> None:
     method costs only its decode steps."""
     from vllm_dash.stats import STATS
 
+    engine_keys = {k: v for k, v in (spec.get("engine_dash") or {}).items()
+                   if k in M.ENGINE_KEYS}
+
     def use(dash: dict) -> None:
-        # the engine samples on its start-up interval: the layers must record every step
-        dash = {**dash, "stats_interval": M.BASE["stats_interval"]}
+        # the engine samples on its start-up interval: the layers must record every step;
+        # the summary kind and file are the engine's (the adapter refuses to switch them)
+        dash = {**dash, **engine_keys, "stats_interval": M.BASE["stats_interval"]}
         llm.apply_model(lambda model: set_runtime_config(model, dash))
 
     deadline = spec.get("deadline")
@@ -140,10 +151,27 @@ def run_dash(llm, spec: dict) -> None:
     child.emit({"skipped": skipped})
 
 
+def run_recall(spec: dict) -> None:
+    """Attention recall of the spec's methods (no vLLM): one ``{"recall": rows}`` per length,
+    so a run cut short keeps the lengths it finished."""
+    from vllm_dash.eval.recall import measure_recall
+    deadline = spec.get("deadline")
+    for length in spec["lengths"]:
+        if deadline and time.time() > deadline:
+            break
+        rows = measure_recall(spec["model"], spec["methods"], [length],
+                              windows=spec["windows"], positions=spec["positions"],
+                              seed=spec["seed"], device=spec["device"],
+                              summary_file=spec.get("summary_file"), progress=True)
+        child.emit({"recall": rows})
+
+
 def run_engine(spec: dict) -> None:
     """Start the spec's engine, then answer its methods' prompts (rows: module docstring)."""
+    if spec["engine"] == "recall":
+        return run_recall(spec)
     from vllm import LLM
-    dash_engine = spec["engine"] == "dash"
+    dash_engine = spec["engine"] != "dense"
     t0 = time.time()
     llm = LLM(**engine_kwargs(spec, dash_engine))
     child.emit({"init_s": round(time.time() - t0, 1)})

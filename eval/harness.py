@@ -6,9 +6,15 @@ through vLLM's LLM API and scores them with RULER's string_match_all. Methods
 (:mod:`vllm_dash.eval.methods`):
 
   dense        vLLM's default attention backend (its own engine)
-  DASH / top-k every other method, in ONE eager DASH engine (--attention-backend CUSTOM):
-               the DASH config is switched between methods in place
-               (:func:`vllm_dash.eval.engine.set_runtime_config`).
+  DASH / top-k every other method, in one eager DASH engine (--attention-backend CUSTOM)
+               per summary kind (mean, minmax, attn_pool: an engine setting, see
+               :func:`vllm_dash.eval.methods.engine_groups`); within an engine the DASH config
+               is switched between methods in place
+               (:func:`vllm_dash.eval.engine.set_runtime_config`). attn_pool methods need
+               --summary-file (`vllm-dash distill`); without one they are skipped with a note.
+  --recall     attention recall of every sparse method at every length on natural text
+               (:func:`vllm_dash.eval.recall.measure_recall`, transformers, its own child),
+               stored under "recall" in the report, with the oracle at the same density.
 
 Each engine runs in a child process (:mod:`vllm_dash.eval.engine`, through the child runner
 vllm_dash.serving.child), which sends one row per finished (method, length): an engine that
@@ -40,9 +46,9 @@ ENGINE_CMD = (sys.executable, "-m", "vllm_dash.eval.engine")
 # --------------------------------------------------------------------------------------
 def spawn_engine(spec: dict, timeout: float, log: Callable[[str], None],
                  cmd: Optional[list] = None) -> dict:
-    """Run one engine child on ``spec``: {"init_s", "results", "skipped", "calibration"},
-    plus "error" and "stderr_tail" when it stopped early with finished runs; RuntimeError
-    (with the engine's log tail) when it stopped before finishing anything."""
+    """Run one engine child on ``spec``: {"init_s", "results", "skipped", "calibration",
+    "recall"}, plus "error" and "stderr_tail" when it stopped early with finished runs;
+    RuntimeError (with the engine's log tail) when it stopped before finishing anything."""
     log(f"vllm-dash eval: {spec['engine']} engine, {len(spec['methods'])} method(s), "
         f"{len(spec['samples'])} samples")
     res = child.run(cmd or ENGINE_CMD, spec, timeout=timeout,
@@ -52,14 +58,15 @@ def spawn_engine(spec: dict, timeout: float, log: Callable[[str], None],
            "results": [r for r in rows if "method" in r],
            "skipped": next((r["skipped"] for r in rows if "skipped" in r), []),
            "calibration": next((r["calibration"] for r in reversed(rows)
-                                if "calibration" in r), {})}
+                                if "calibration" in r), {}),
+           "recall": [x for r in rows if "recall" in r for x in r["recall"]]}
     if res.ok:
         return out
-    if not out["results"] and not out["calibration"]:
+    if not out["results"] and not out["calibration"] and not out["recall"]:
         raise RuntimeError(f"vllm-dash eval: the {spec['engine']} engine failed "
                            f"({res.error}):\n{res.log_tail(4000)}")
     log(f"vllm-dash eval: the {spec['engine']} engine stopped early ({res.error}); keeping "
-        f"its {len(out['results'])} finished runs")
+        f"its {len(out['results']) + len(out['recall'])} finished runs")
     return {**out, "error": res.error, "stderr_tail": res.stderr[-2000:]}
 
 
@@ -138,10 +145,17 @@ def table(rows: list[dict], tasks: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------
+METHOD_SETS = {"default": M.default_methods, "smoke": M.smoke_methods,
+               "record13": M.record_methods}
+
+
 def select_methods(args) -> list[dict]:
-    """--methods (default, smoke or a JSON file), filtered by --only."""
-    methods = M.default_methods() if args.methods == "default" else (
-        M.smoke_methods() if args.methods == "smoke" else json.loads(open(args.methods).read()))
+    """--methods (a name of METHOD_SETS or a JSON file), filtered by --only."""
+    if args.methods in METHOD_SETS:
+        methods = METHOD_SETS[args.methods]()
+    else:
+        with open(args.methods) as f:
+            methods = json.load(f)
     if args.only:
         keep = set(args.only.split(","))
         methods = [m for m in methods if m["name"] in keep or m.get("family") in keep]
@@ -150,8 +164,10 @@ def select_methods(args) -> list[dict]:
     return methods
 
 
-def engine_specs(args, methods, samples, calib, max_model_len, device, t0) -> list[dict]:
-    """One spec per engine: dense (when a method is dense), then DASH (every other)."""
+def engine_specs(args, methods, samples, calib, max_model_len, device, t0) -> tuple:
+    """(specs, notes): one spec per engine: dense (when a method is dense), then with
+    --recall the recall child, then one DASH engine per summary group
+    (methods.engine_groups; notes say which methods were skipped and why)."""
     spec = {"model": args.model, "device": device, "max_model_len": max_model_len,
             "samples": samples, "max_num_seqs": args.max_num_seqs,
             "gpu_memory_utilization": args.gpu_memory_utilization,
@@ -159,14 +175,26 @@ def engine_specs(args, methods, samples, calib, max_model_len, device, t0) -> li
     engines = []
     if any(m["dash"] is None for m in methods):
         engines.append({**spec, "engine": "dense", "methods": []})
-    dash_methods = [m for m in methods if m["dash"] is not None]
-    if dash_methods:
-        engines.append({**spec, "engine": "dash", "methods": dash_methods,
-                        "calib_samples": calib})
+    groups, notes, _ = M.engine_groups(methods, getattr(args, "summary_file", None))
+    if getattr(args, "recall", False) and groups:
+        engines.append(recall_spec(args, groups, device))
+    for g in groups:
+        engines.append({**spec, "engine": g["name"], "methods": g["methods"],
+                        "engine_dash": g["engine_dash"], "calib_samples": calib})
     if args.time_budget:
         for e in engines:
             e["deadline"] = t0 + args.time_budget
-    return engines
+    return engines, notes
+
+
+def recall_spec(args, groups, device) -> dict:
+    """The recall child's spec: every runnable sparse method (without calibration: its
+    scales come from an engine), the eval lengths, the summary file for attn_pool."""
+    methods = [dict(m) for g in groups for m in g["methods"] if "calibrate" not in m]
+    return {"engine": "recall", "model": args.model, "device": device, "methods": methods,
+            "samples": [], "lengths": list(args.lengths), "windows": args.recall_windows,
+            "positions": args.recall_positions, "seed": args.seed,
+            "summary_file": getattr(args, "summary_file", None), "timeout": args.recall_timeout}
 
 
 def run_eval(args) -> dict:
@@ -187,28 +215,22 @@ def run_eval(args) -> dict:
                                     args.seed, max_model_len)
     device = device_of(args)
     t0 = time.time()
-    engines = engine_specs(args, methods, samples, calib, max_model_len, device, t0)
-    runs, info, report = [], {}, {}
+    engines, notes = engine_specs(args, methods, samples, calib, max_model_len, device, t0)
+    for n in notes:
+        print(f"vllm-dash eval: {n}", file=sys.stderr)
+    runs, recall, info = [], [], {"notes": notes}
     fam = {m["name"]: m.get("family") for m in methods}
+    report = _write_report(args, tasks, samples, runs, recall, methods, info, device,
+                           max_model_len, t0)
     for i, e in enumerate(engines):
         _progress(i, len(engines), f"{e['engine']} engine")
-        timeout = args.timeout
-        if args.time_budget:   # a method started before the budget ends may finish; start-up
-            timeout = min(timeout, max(180.0, t0 + args.time_budget + 90 - time.time()))
-        try:
-            res = spawn_engine(e, timeout, log=lambda m: print("\n" + m, file=sys.stderr))
-        except RuntimeError as err:            # keep the other engine's results
-            print(f"\n{err}", file=sys.stderr)
-            info[e["engine"]] = {"error": str(err)[-2000:]}
-        else:
-            info[e["engine"]] = {"init_s": res["init_s"], "skipped": res.get("skipped", []),
-                                 "error": res.get("error")}
-            if res.get("calibration"):
-                info["calibration_grid"] = res["calibration"]
+        res = _run_one(args, e, t0, info)
+        if res is not None:
             for r in res["results"]:
                 r["family"] = fam.get(r["method"], "dense")
             runs += res["results"]
-        report = _write_report(args, tasks, samples, runs, methods, info, device,
+            recall += res.get("recall", [])
+        report = _write_report(args, tasks, samples, runs, recall, methods, info, device,
                                max_model_len, t0)     # after every engine: nothing is lost
     _progress(len(engines), len(engines), "done")
     print("\n".join(report["table"]))
@@ -220,7 +242,32 @@ def run_eval(args) -> dict:
     return report
 
 
-def _write_report(args, tasks, samples, runs, methods, info, device, max_model_len,
+def _run_one(args, e: dict, t0: float, info: dict) -> Optional[dict]:
+    """Spawn one engine (or the recall child) within the time budget; its info goes to
+    ``info[name]``; None when it failed or the budget was spent before it started."""
+    timeout = e.get("timeout") or args.timeout
+    if args.time_budget:   # a method started before the budget ends may finish; start-up
+        left = t0 + args.time_budget - time.time()
+        if left <= 0:
+            info[e["engine"]] = {"error": "not started: time budget spent"}
+            return None
+        timeout = min(timeout, max(180.0, left + 90))
+    try:
+        res = spawn_engine(e, timeout, log=lambda m: print("\n" + m, file=sys.stderr))
+    except RuntimeError as err:            # keep the other engines' results
+        print(f"\n{err}", file=sys.stderr)
+        info[e["engine"]] = {"error": str(err)[-2000:]}
+        return None
+    info[e["engine"]] = {"init_s": res["init_s"], "skipped": res.get("skipped", []),
+                         "error": res.get("error")}
+    if e.get("engine_dash"):
+        info[e["engine"]]["engine_dash"] = e["engine_dash"]
+    if res.get("calibration"):
+        info["calibration_grid"] = res["calibration"]
+    return res
+
+
+def _write_report(args, tasks, samples, runs, recall, methods, info, device, max_model_len,
                   t0) -> dict:
     summary = summarize(samples, runs)
     done = {(r["method"], r["length"]) for r in runs}
@@ -229,20 +276,43 @@ def _write_report(args, tasks, samples, runs, methods, info, device, max_model_l
     report = {"model": os.path.basename(os.path.normpath(args.model)), "device": device,
               "gpu": _gpu_name(), "tasks": tasks, "lengths": args.lengths,
               "samples_per_cell": args.samples, "seed": args.seed,
-              "max_model_len": max_model_len, "wall_s": round(time.time() - t0, 1),
-              "engines": info, "not_run": not_run, "methods": methods,
+              "method_set": args.methods, "max_model_len": max_model_len,
+              "wall_s": round(time.time() - t0, 1), "engines": info,
+              "notes": info.get("notes", []), "not_run": not_run, "methods": methods,
               "rows": summary["rows"]}
+    if getattr(args, "summary_file", None):
+        report["summary_file"] = summary_file_info(args.summary_file)
+    if getattr(args, "recall", False):
+        report["recall"] = recall
+        report["recall_settings"] = {"windows": args.recall_windows,
+                                     "positions": args.recall_positions, "seed": args.seed}
     report["table"] = table(summary["rows"], tasks).splitlines()
+    if recall:
+        report["table"] += [""] + eval_report.format_recall(recall).splitlines()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
         with open(os.path.splitext(args.out)[0] + "-samples.json", "w") as f:
             json.dump(summary["samples"], f)
         png = args.png or os.path.splitext(args.out)[0] + ".png"
-        report["png"] = f"{png}: " + eval_report.pareto_png(     # solved / all tasks
-            eval_report.compare(summary["rows"]), png,
+        report["png"] = f"{png}: " + eval_report.pareto_png(     # accuracy / recall
+            eval_report.compare(summary["rows"], recall=recall), png,
             f"{report['model']} ({report['gpu'] or device})")
     return report
+
+
+def summary_file_info(path: str) -> dict:
+    """The summary file's path, size and metadata (what distill recorded), when readable."""
+    out: dict = {"path": path, "exists": os.path.exists(path)}
+    if out["exists"]:
+        out["bytes"] = os.path.getsize(path)
+        try:
+            from safetensors import safe_open
+            with safe_open(path, "np") as f:
+                out["metadata"] = f.metadata() or {}
+        except Exception as e:          # noqa: BLE001 - a report field, never a failure
+            out["metadata_error"] = str(e)[:200]
+    return out
 
 
 def model_len(args, tokenizer) -> int:
@@ -310,8 +380,21 @@ def eval_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS))
     ap.add_argument("--samples", type=int, default=30, help="samples per task and length")
     ap.add_argument("--methods", default="default",
-                    help="'default' (the record sweep), 'smoke', or a JSON file with a list of "
+                    help="'default' (the first record's sweep), 'record13' (summary kinds: "
+                         "the issue-13 record), 'smoke', or a JSON file with a list of "
                          "{name, family, dash} (dash null = dense)")
+    ap.add_argument("--summary-file", default=None,
+                    help="pooling vectors for attn_pool methods (`vllm-dash distill`); without "
+                         "it attn_pool methods are skipped")
+    ap.add_argument("--recall", action="store_true",
+                    help="also measure attention recall (natural text, transformers) of every "
+                         "sparse method at every length, with the oracle at the same density")
+    ap.add_argument("--recall-windows", type=int, default=4,
+                    help="recall: text windows per length")
+    ap.add_argument("--recall-positions", type=int, default=16,
+                    help="recall: decode positions sampled per window")
+    ap.add_argument("--recall-timeout", type=float, default=240,
+                    help="recall: seconds for the recall child")
     ap.add_argument("--only", default=None, help="comma-separated method names or families")
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--time-budget", type=float, default=None,
@@ -333,6 +416,10 @@ def eval_main(argv: Sequence[str]) -> int:
     args = eval_parser().parse_args(list(argv))
     if args.samples < 1:
         raise SystemExit("vllm-dash eval: --samples must be >= 1")
+    for opt in ("recall_windows", "recall_positions"):
+        if getattr(args, opt) < 1:
+            raise SystemExit(f"vllm-dash eval: --{opt.replace('_', '-')} must be >= 1, got "
+                             f"{getattr(args, opt)}")
     default_model(args)
     run_eval(args)
     return 0

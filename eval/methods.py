@@ -5,10 +5,26 @@ backend); otherwise the DASH config the method runs with. Top-k is the DASH conf
 ``selector: "topk"`` (forced blocks + each head's ``min_blocks`` best blocks, same summaries,
 same stage 2). A method with ``"calibrate": target`` gets per-layer score scales measured on
 calibration prompts (``calibrate_scales``). Pure Python: nothing here runs a model.
+
+Summary kinds (``dash["summary"]``: mean, minmax, attn_pool) are an ENGINE setting (page
+padding, cache contents; the adapter refuses to switch them at run time), so the harness
+runs one DASH engine per (summary, summary_file) group (``engine_groups``); attn_pool needs
+a summary file (`vllm-dash distill`), and its methods are skipped with a note without one.
 """
 from __future__ import annotations
 
 import math
+import os
+from typing import Optional
+
+#: the block summary kinds (kernels.params.SUMMARY_KINDS; a test keeps them in step)
+SUMMARY_KINDS = ("mean", "minmax", "attn_pool")
+
+#: the DASH config keys that are engine settings (equal for every method of one engine)
+ENGINE_KEYS = ("summary", "summary_file")
+
+#: the prompt seed of the issue-13 record (never used for a choice before it)
+RECORD13_SEED = 1313
 
 #: DASH settings shared by the sweeps unless a method overrides them (min_blocks 0: no floor
 #: unless a method sets one; the record ran when 0 was DashConfig's default)
@@ -44,6 +60,88 @@ def default_methods() -> list[dict]:
            _m("topk-k4-nosinklocal", "topk-nosl", selector="topk", min_blocks=4,
               sink_blocks=0, local_blocks=0)]
     return ms
+
+
+def _kind_prefix(kind: str) -> str:
+    return {"mean": "", "minmax": "minmax-", "attn_pool": "pool-"}[kind]
+
+
+def topk_family(kind: str) -> str:
+    """The family of plain top-k (sink + local + k per head) on ``kind`` summaries: the
+    reference curve of every method on the same summaries ("topk" for mean, as in the
+    first record)."""
+    return "topk" if kind == "mean" else f"topk-{kind}"
+
+
+def record_methods() -> list[dict]:
+    """The issue-13 sweep (``--methods record13``): dense, then per summary kind (mean,
+    attn_pool, minmax) top-k at k 1/2/4/8 (and 16 on mean: the density mean top-k needs to
+    come near dense), DASH with the per-head floor (min_blocks 4, score_scale 2 and 4) and
+    DASH without a floor (entmax alone, score_scale 1, 2, 3). The shipped default
+    (dash-floor4-s2 on mean) keeps its name. Mean methods keep the first record's names and
+    families; the others are prefixed "minmax-" / "pool-" and their families suffixed
+    "-minmax" / "-attn_pool". 28 DASH-engine methods in 3 engines (one per kind)."""
+    ms = [{"name": "dense", "family": "dense", "dash": None}]
+    for kind in ("mean", "attn_pool", "minmax"):       # priority order (a time budget cuts the tail)
+        pre, suf = _kind_prefix(kind), ("" if kind == "mean" else f"-{kind}")
+        ks = (1, 2, 4, 8, 16) if kind == "mean" else (1, 2, 4, 8)
+        ms += [_m(f"{pre}topk-k{k}", topk_family(kind), selector="topk", min_blocks=k,
+                  summary=kind) for k in ks]
+        ms += [_m(f"{pre}dash-floor4-s{s:g}", f"dash-floor4{suf}", score_scale=s, min_blocks=4,
+                  summary=kind) for s in (2.0, 4.0)]
+        ms += [_m(f"{pre}dash-std-s{s:g}", f"dash-std{suf}", score_scale=s, summary=kind)
+               for s in (1.0, 2.0, 3.0)]
+    return ms
+
+
+def summary_kind(dash: Optional[dict]) -> Optional[str]:
+    """The summary kind a DASH config runs with (None for dense): its "summary" key;
+    "auto" or no key is attn_pool with a summary_file, else mean (the adapter's rule
+    without pooling vectors in the checkpoint)."""
+    if dash is None:
+        return None
+    kind = dash.get("summary", "auto")
+    if kind == "auto":
+        return "attn_pool" if dash.get("summary_file") else "mean"
+    return kind
+
+
+def engine_groups(methods: list[dict], summary_file: Optional[str]) -> tuple:
+    """Split the DASH methods into engines: ``([{"name", "engine_dash", "methods"}], notes,
+    skipped)``. One engine per (summary, summary_file), in order of first appearance;
+    ``engine_dash`` is the engine's start-up config (BASE plus its engine keys) and every
+    method's dash gets the same engine keys. attn_pool methods take ``summary_file`` (the
+    run's --summary-file) unless their dash names one; without a file that exists they are
+    skipped (names in ``skipped``, the reason in ``notes``)."""
+    groups: dict = {}
+    notes, skipped = [], []
+    for m in methods:
+        if m["dash"] is None:
+            continue
+        dash = dict(m["dash"])
+        if dash.get("summary") == "attn_pool" and not dash.get("summary_file") and summary_file:
+            dash["summary_file"] = summary_file
+        if dash.get("summary") == "attn_pool":
+            path = dash.get("summary_file")
+            if not path or not os.path.exists(path):
+                skipped.append(m["name"])
+                why = ("no --summary-file given" if not path else
+                       f"summary file {path} does not exist")
+                note = (f"attn_pool methods skipped: {why} (make one with `vllm-dash distill "
+                        f"MODEL --out FILE`)")
+                if note not in notes:
+                    notes.append(note)
+                continue
+        key = tuple(dash.get(k) for k in ENGINE_KEYS)
+        if key not in groups:
+            name = "dash" if key == (None, None) else f"dash-{key[0] or 'auto'}"
+            while any(g["name"] == name for g in groups.values()):
+                name += "+"
+            groups[key] = {"name": name, "methods": [],
+                           "engine_dash": {**BASE, **{k: v for k, v in zip(ENGINE_KEYS, key)
+                                                      if v is not None}}}
+        groups[key]["methods"].append({**m, "dash": dash})
+    return list(groups.values()), notes, skipped
 
 
 def smoke_methods() -> list[dict]:

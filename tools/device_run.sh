@@ -2,7 +2,7 @@
 # One GPU-machine session for vllm-dash (device tool): install the package, stage vLLM 0.26
 # (../shared/device recipe, carried in the git-ignored .stage/), then run the requested steps.
 #   bash tools/device_run.sh STEP...   steps: tests e2e bench benchhnd select serve e2ebench:METHOD,...
-#                                      ggpart:N smollm2 accuracy[:ARGS]
+#                                      ggpart:N smollm2 accuracy[:ARGS] distill record13
 # ggpart:N copies the N-th part of the SmolLM2 GGUF (git-ignored .gg/pN, carried with the job:
 # 98 MB do not fit one job) to /tmp/gg on the machine; smollm2 assembles the parts, checks the
 # sha256 and converts the GGUF (the `gguf` package travels in .gg/p3/pylib) into an HF folder.
@@ -13,14 +13,23 @@
 # batch 1/8/32, with the selection hook) with the package of an older tree exported into DIR
 # (git archive REV kernels vllm_dash serving benchmarks | tar -x -C DIR; a git-ignored folder
 # carried with the job), then with this tree, and compares them (benchmarks/compare_kernels.py).
+# distill fits SmolLM2's attn_pool summaries (`vllm-dash distill`, DISTILL_ARGS extra arguments,
+# DISTILL_TIMEOUT s, default 180) into /tmp/dash/smollm2-pool.safetensors and copies it to $OUT.
+# record13 is the issue-13 accuracy record: eval --methods record13 (dense + top-k and DASH on
+# mean/minmax/attn_pool summaries), passkey + niah_single_1, 60 prompts per task and length,
+# seed 1313, attention recall (--recall), the summary file SUMMARY_FILE (default: distill's);
+# its time budget is what is left before DEVICE_DEADLINE s after this script started (default
+# 585: one device call of 600 s), less 150 s (engine cut 90 s after the budget, report).
+# One call: bash tools/device_run.sh smollm2 distill record13 (after the ggpart calls).
 # VLLM_DASH_COMMIT: the commit the result files record (the tree travels without its .git).
 # Results go to $OUT (one file per step). Each step has its own time limit.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 log "install vllm-dash"
-if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index . > "$OUT/pip.log" 2>&1; then
-  log "pip install failed (see pip.log); using a path shim"
+# install and stage logs come back only when they failed ($OUT returns at most 8 files)
+if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index . > /tmp/pip.log 2>&1; then
+  cp /tmp/pip.log "$OUT/pip.log"; log "pip install failed (see pip.log); using a path shim"
   mkdir -p /tmp/shim/vllm_dash /tmp/shim/vllm_dash-0.dist-info
   cp vllm_dash/*.py /tmp/shim/vllm_dash/
   ln -sfn "$PWD/kernels" /tmp/shim/vllm_dash/kernels; ln -sfn "$PWD/serving" /tmp/shim/vllm_dash/serving
@@ -30,10 +39,17 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index . > "$O
   export PYTHONPATH=/tmp/shim${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ -d .stage/c00 ]; then
-  log "stage vLLM"; bash .stage/tools/install_payload.sh .stage > "$OUT/stage.log" 2>&1 && . /tmp/site/env.sh
+  log "stage vLLM"
+  if bash .stage/tools/install_payload.sh .stage > /tmp/stage.log 2>&1; then . /tmp/site/env.sh
+  else cp /tmp/stage.log "$OUT/stage.log"; log "staging failed (see stage.log)"; fi
   export PYTHONPATH=${PYTHONPATH:-}
 fi
 python3 -P -c "import torch, vllm_dash.kernels.select as s; print(torch.cuda.get_device_name(0))" 2>&1 | tee -a "$OUT/steps.log"
+# accuracy ARGS TIMEOUT: vllm-dash eval in a private network namespace, files $OUT/accuracy*
+accuracy() {
+  unshare -n python3 serving/netns.py sh -c 'cd /tmp && exec timeout "$2" python3 -P -m vllm_dash.eval --out "$0/accuracy.json" $1' "$OUT" "$1" "$2" > "$OUT/accuracy.txt" 2>&1
+  tail -60 "$OUT/accuracy.txt" | tr '\r' '\n' | tail -60 | tee -a "$OUT/steps.log"
+}
 for step in "$@"; do
   case "$step" in
     tests)  log "gpu tests"; timeout 300 python3 -P -m pytest tests/kernels -m gpu -q -rs -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; tail -3 "$OUT/gpu_tests.txt" | tee -a "$OUT/steps.log" ;;
@@ -64,9 +80,20 @@ for step in "$@"; do
       export PYTHONPATH=/tmp/gg/pylib:/tmp/gg:$PYTHONPATH VLLM_DASH_CACHE=/tmp/dashcache
       python3 -P -c "from vllm_dash.serving.models import default_model_dir as d; print(d())" 2>&1 | tail -3 | tee -a "$OUT/steps.log" ;;
     accuracy*)
-      a=${step#accuracy}; a=${a#:}; log "accuracy $a"
-      unshare -n python3 serving/netns.py sh -c 'cd /tmp && exec timeout 500 python3 -P -m vllm_dash.eval --out "$0/accuracy.json" $1' "$OUT" "$a" > "$OUT/accuracy.txt" 2>&1
-      tail -60 "$OUT/accuracy.txt" | tr '\r' '\n' | tail -60 | tee -a "$OUT/steps.log" ;;
+      a=${step#accuracy}; a=${a#:}; log "accuracy $a"; accuracy "$a" 500 ;;
+    distill)
+      export VLLM_DASH_CACHE=${VLLM_DASH_CACHE:-/tmp/dashcache}     # smollm2's folder
+      model=$(python3 -P -c "from vllm_dash.serving.models import default_model_dir as d; print(d())" 2>/dev/null | tail -1)
+      log "distill $model"; mkdir -p /tmp/dash
+      unshare -n python3 serving/netns.py sh -c 'cd /tmp && exec timeout "$2" python3 -P -m vllm_dash.serving.cli distill "$0" --out /tmp/dash/smollm2-pool.safetensors --device cuda $1' "$model" "${DISTILL_ARGS:-}" "${DISTILL_TIMEOUT:-180}" > "$OUT/distill.txt" 2>&1
+      cp /tmp/dash/smollm2-pool.safetensors "$OUT/" 2>/dev/null
+      tail -8 "$OUT/distill.txt" | tr '\r' '\n' | tail -8 | tee -a "$OUT/steps.log"; ls -l /tmp/dash | tee -a "$OUT/steps.log" ;;
+    record13)
+      export VLLM_DASH_CACHE=${VLLM_DASH_CACHE:-/tmp/dashcache}
+      left=$((${DEVICE_DEADLINE:-585} - SECONDS)); budget=$((left - 150))
+      a="--methods record13 --tasks passkey,niah_single_1 --samples 60 --seed 1313 --recall --summary-file ${SUMMARY_FILE:-/tmp/dash/smollm2-pool.safetensors} --max-num-seqs 128 --gpu-memory-utilization 0.8 --time-budget $budget ${RECORD_ARGS:-}"
+      if [ "$budget" -lt 60 ]; then log "record13: only ${left}s left, not started (DEVICE_DEADLINE)"
+      else log "record13: $a"; accuracy "$a" $((left - 5)); fi ;;
   esac
 done
 log "done"

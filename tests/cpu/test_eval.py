@@ -100,3 +100,137 @@ def test_failed_engine_keeps_the_other_and_lists_what_did_not_run(tmp_path, tiny
     with pytest.raises(SystemExit, match="matches no method"):
         harness.run_eval(harness.eval_parser().parse_args(
             ["--model", str(tiny_llama_dir), "--only", "nothing"]))
+
+
+# ----------------------------------------------------------------------- summary kinds
+def _strip_engine_keys(dash):
+    """DashConfig learns `summary`/`summary_file` with the adapter's summary kinds (H2);
+    until then the other keys are validated alone."""
+    from vllm_dash.config import DashConfig
+    if "summary" in DashConfig.keys():
+        return dash
+    return {k: v for k, v in dash.items() if k not in M.ENGINE_KEYS}
+
+
+def test_record_methods_cover_kinds_selectors_and_the_shipped_default():
+    from vllm_dash.config import DashConfig
+    from vllm_dash.kernels import params
+    assert M.SUMMARY_KINDS == getattr(params, "SUMMARY_KINDS", M.SUMMARY_KINDS)
+    ms = M.record_methods()
+    names = [m["name"] for m in ms]
+    assert len(names) == len(set(names)) and names[0] == "dense"
+    assert len(ms) <= 30            # 60 x 2 tasks x 3 lengths each: ~6 min on an H200
+    for m in ms[1:]:
+        DashConfig.from_mapping(_strip_engine_keys(m["dash"]))
+    default = next(m for m in ms if m["name"] == "dash-floor4-s2")
+    assert default["dash"]["summary"] == "mean" and default["family"] == "dash-floor4"
+    assert (default["dash"]["score_scale"], default["dash"]["min_blocks"]) == (2.0, 4)
+    for kind in M.SUMMARY_KINDS:
+        mine = [m for m in ms[1:] if m["dash"]["summary"] == kind]
+        topk = [m for m in mine if m["dash"].get("selector") == "topk"]
+        assert all(m["family"] == M.topk_family(kind) for m in topk) and len(topk) >= 4
+        dash = [m for m in mine if m["dash"].get("selector") != "topk"]
+        assert {m["dash"]["min_blocks"] > 0 for m in dash} == {True, False}
+        assert len({m["dash"]["score_scale"] for m in dash if m["dash"]["min_blocks"]}) >= 2
+        assert len({m["dash"]["score_scale"] for m in dash if not m["dash"]["min_blocks"]}) >= 2
+    assert M.summary_kind(None) is None and M.summary_kind({}) == "mean"
+    assert M.summary_kind({"summary_file": "x"}) == "attn_pool"
+
+
+def test_engine_groups_one_engine_per_summary_and_skip_without_file(tmp_path):
+    ms = M.record_methods() + M.smoke_methods()[1:2]
+    ms[-1] = {**ms[-1], "name": "plain-topk"}          # no summary key: today's engine
+    groups, notes, skipped = M.engine_groups(ms, None)
+    assert [g["name"] for g in groups] == ["dash-mean", "dash-minmax", "dash"]
+    assert skipped == [m["name"] for m in ms if (m["dash"] or {}).get("summary") == "attn_pool"]
+    assert len(notes) == 1 and "no --summary-file" in notes[0] and "distill" in notes[0]
+    assert groups[2]["engine_dash"] == M.BASE
+    for g in groups:
+        for m in g["methods"]:      # every method carries its engine's keys
+            assert all(m["dash"].get(k) == g["engine_dash"].get(k) for k in M.ENGINE_KEYS)
+    # a file that does not exist: skipped, the note names it
+    _, notes, skipped = M.engine_groups(ms, str(tmp_path / "nope.safetensors"))
+    assert skipped and "does not exist" in notes[0]
+    # with a file: attn_pool gets its engine, the file in its engine config and methods
+    f = tmp_path / "pool.safetensors"
+    f.write_bytes(b"x")
+    groups, notes, skipped = M.engine_groups(ms, str(f))
+    pool = next(g for g in groups if g["name"] == "dash-attn_pool")
+    assert not notes and not skipped
+    assert pool["engine_dash"] == {**M.BASE, "summary": "attn_pool", "summary_file": str(f)}
+    assert all(m["dash"]["summary_file"] == str(f) for m in pool["methods"])
+    assert [g["name"] for g in groups] == ["dash-mean", "dash-attn_pool", "dash-minmax", "dash"]
+
+
+def test_engine_start_config_and_runtime_keys():
+    from vllm_dash.eval import engine
+    spec = {"model": "m", "max_model_len": 64, "device": "cpu",
+            "engine_dash": {**M.BASE, "summary": "minmax"}}
+    kw = engine.engine_kwargs(spec, dash_engine=True)
+    assert kw["additional_config"]["dash"]["summary"] == "minmax"
+    assert engine.engine_kwargs({**spec, "engine_dash": None}, True)[
+        "additional_config"]["dash"] == M.BASE
+
+
+def test_recall_child_emits_per_length(monkeypatch):
+    """run_recall calls measure_recall once per length and sends its rows (fake recall)."""
+    import types
+    from vllm_dash.eval import engine
+    calls, sent = [], []
+
+    def fake_measure_recall(model, methods, lengths, *, windows, positions, seed, device,
+                            summary_file=None, progress=True):
+        calls.append((model, [m["name"] for m in methods], lengths, windows, positions, seed,
+                      device, summary_file))
+        return [{"method": m["name"], "length": lengths[0], "recall": 0.8, "density": 0.1,
+                 "oracle_recall": 0.9, "recall_per_layer": [0.8], "n_positions": 4}
+                for m in methods]
+    monkeypatch.setitem(sys.modules, "vllm_dash.eval.recall",
+                        types.SimpleNamespace(measure_recall=fake_measure_recall))
+    monkeypatch.setattr(engine.child, "emit", sent.append)
+    spec = {"engine": "recall", "model": "m", "methods": M.smoke_methods()[1:],
+            "lengths": [100, 200], "windows": 2, "positions": 3, "seed": 7, "device": "cpu",
+            "summary_file": None}
+    engine.run_engine(spec)
+    assert [c[2] for c in calls] == [[100], [200]]
+    assert calls[0][3:7] == (2, 3, 7, "cpu")
+    assert [r["recall"][0]["length"] for r in sent] == [100, 200]
+
+
+def test_record_run_groups_engines_and_stores_recall(tmp_path, tiny_llama_dir, monkeypatch):
+    """The harness with fake engine children: dense, recall, then one engine per summary
+    kind; attn_pool without a file is skipped with a note; recall rows land in the report."""
+    seen = []
+
+    def fake_spawn(spec, timeout, log, cmd=None):
+        seen.append((spec["engine"], [m["name"] for m in spec["methods"]], spec))
+        if spec["engine"] == "recall":
+            return {"init_s": None, "results": [], "calibration": {}, "recall": [
+                {"method": m["name"], "length": L, "recall": 0.7, "density": 0.2,
+                 "oracle_recall": 0.8, "recall_per_layer": [], "n_positions": 1}
+                for m in spec["methods"] for L in spec["lengths"]]}
+        names = ["dense"] if spec["engine"] == "dense" else [m["name"] for m in spec["methods"]]
+        cell = [s for s in spec["samples"] if s["length"] == 512]
+        return {"init_s": 1.0, "results": [
+            {"method": n, "length": 512, "density": 1.0 if n == "dense" else 0.3,
+             "texts": [s["answers"][0] for s in cell]} for n in names]}
+    monkeypatch.setattr(harness, "spawn_engine", fake_spawn)
+    only = "dense,dash-floor4-s2,topk-k4,minmax-topk-k4,pool-dash-std-s2"
+    out = tmp_path / "acc.json"
+    args = harness.eval_parser().parse_args(
+        ["--model", str(tiny_llama_dir), "--methods", "record13", "--only", only, "--tasks",
+         "passkey", "--lengths", "512", "--samples", "2", "--device", "cpu", "--recall",
+         "--seed", str(M.RECORD13_SEED), "--out", str(out)])
+    rep = harness.run_eval(args)
+    assert [s[0] for s in seen] == ["dense", "recall", "dash-mean", "dash-minmax"]
+    assert seen[1][1] == ["topk-k4", "dash-floor4-s2", "minmax-topk-k4"]
+    assert seen[2][2]["engine_dash"]["summary"] == "mean"
+    saved = json.loads(out.read_text())
+    assert saved["seed"] == 1313 and saved["method_set"] == "record13"
+    assert saved["not_run"] == rep["not_run"] == ["pool-dash-std-s2@512"]
+    assert "attn_pool methods skipped" in saved["notes"][0]
+    assert len(saved["recall"]) == 3 and saved["recall"][0]["oracle_recall"] == 0.8
+    assert any("recall: method" in line for line in saved["table"])
+    assert saved["engines"]["dash-minmax"]["engine_dash"]["summary"] == "minmax"
+    with pytest.raises(SystemExit, match="--recall-windows"):
+        harness.eval_main(["--model", str(tiny_llama_dir), "--recall-windows", "0"])

@@ -144,3 +144,128 @@ def test_record_choice_is_the_shipped_default():
         assert getattr(defaults, key) == value, key
     lengths = sorted(int(L) for L in chosen["per_length"])
     assert lengths == [2048, 4096, 8192]
+
+
+# ----------------------------------------------------------------------- summary kinds
+def _kind_rows():
+    """Two lengths; top-k curves per summary kind; DASH on each kind."""
+    def dash(kind, **kw):
+        return {"summary": kind, **kw}
+    rows = []
+    for L in (100, 200):
+        rows.append(_row("dense", "dense", L, 1.0, {"a": 1.0}))
+        for k, d, acc in ((1, 0.1, 0.3), (2, 0.2, 0.5), (4, 0.4, 0.8)):
+            rows.append(_row(f"topk-k{k}", "topk", L, d, {"a": acc},
+                             dash("mean", selector="topk", min_blocks=k)))
+            rows.append(_row(f"pool-topk-k{k}", "topk-attn_pool", L, d, {"a": acc + 0.1},
+                             dash("attn_pool", selector="topk", min_blocks=k)))
+            rows.append(_row(f"minmax-topk-k{k}", "topk-minmax", L, d, {"a": acc + 0.05},
+                             dash("minmax", selector="topk", min_blocks=k)))
+        rows.append(_row("dash-floor4-s2", "dash-floor4", L, 0.2, {"a": 0.5},
+                         dash("mean", min_blocks=4, score_scale=2.0)))
+        rows.append(_row("dash-std-s1", "dash-std", L, 0.3, {"a": 0.7}, dash("mean")))
+        # +0.1 over its own top-k at 100, +0.2 at 200 (density 0.1: 90% sparse)
+        rows.append(_row("pool-dash-std-s2", "dash-std-attn_pool", L, 0.1,
+                         {"a": 0.5 if L == 100 else 0.6}, dash("attn_pool")))
+        # above MEAN top-k at 0.2 (0.5) but below its own (minmax) top-k (0.55): not qualified
+        rows.append(_row("minmax-dash-std-s2", "dash-std-minmax", L, 0.2, {"a": 0.52},
+                         dash("minmax")))
+    return rows
+
+
+def _kind_methods():
+    seen = {}
+    for r in _kind_rows():
+        seen.setdefault(r["method"], {"name": r["method"], "family": r["family"],
+                                      "dash": r["dash"]})
+    return list(seen.values())
+
+
+def _recall_rows():
+    return [{"method": "dash-std-s1", "length": 200, "recall": 0.85, "density": 0.1,
+             "oracle_recall": 0.86, "recall_per_layer": [], "n_positions": 8},
+            {"method": "topk-k4", "length": 200, "recall": 0.80, "density": 0.12,
+             "oracle_recall": 0.88, "recall_per_layer": [], "n_positions": 8}]
+
+
+def test_margins_are_against_topk_on_the_same_summaries():
+    comp = {(c["method"], c["length"]): c
+            for c in er.compare(_kind_rows(), 0.8, recall=_recall_rows())}
+    pool = comp[("pool-dash-std-s2", 100)]
+    assert (pool["summary"], pool["selector"]) == ("attn_pool", "nofloor")
+    assert pool["topk_at_density"] == pytest.approx(0.4)         # pool top-k k1, not mean's
+    assert pool["margin"] == pytest.approx(0.1)
+    assert comp[("minmax-dash-std-s2", 100)]["margin"] == pytest.approx(-0.03)
+    assert comp[("dash-floor4-s2", 100)]["selector"] == "floor"
+    assert comp[("dense", 100)]["summary"] is None
+    r = comp[("dash-std-s1", 200)]
+    assert (r["recall"], r["recall_density"], r["oracle_recall"]) == (0.85, 0.1, 0.86)
+    assert comp[("dash-std-s1", 100)]["recall"] is None
+    text = er.format_comparison(list(comp.values()))
+    assert "oracle" in text.splitlines()[0] and "85.0" in text
+    assert "gap" in er.format_recall(_recall_rows())
+
+
+def test_default_rule_keeps_learned_summaries_apart():
+    choice = er.choose_default(er.compare(_kind_rows(), 0.8), _kind_methods())
+    assert choice["chosen"]["method"] == "dash-std-s1"       # mean, +0.05, most accurate
+    assert choice["qualified"] == ["dash-std-s1", "dash-floor4-s2"]
+    assert "minmax-dash-std-s2" not in choice["qualified"]     # below Quest
+    assert "same summaries" in choice["rule"]
+    assert {c["method"] for c in choice["candidates"]} == {
+        "dash-std-s1", "dash-floor4-s2", "minmax-dash-std-s2"}
+    learned = choice["learned"]
+    assert learned["chosen"]["method"] == "pool-dash-std-s2"
+    assert learned["chosen"]["summary"] == "attn_pool" and "per-model" in learned["rule"]
+
+
+def test_targets_pass_and_fail_with_numbers():
+    comp = er.compare(_kind_rows(), 0.8, recall=_recall_rows())
+    choice = er.choose_default(comp, _kind_methods())
+    t = {x["id"]: x for x in er.check_targets(comp, _kind_methods(), choice)}
+    assert t["attn_pool_dash_vs_topk"]["pass"]
+    assert t["attn_pool_dash_vs_topk"]["numbers"]["margins"][200] == pytest.approx(0.2)
+    assert t["attn_pool_sparse"]["pass"]
+    best = t["best_kind_vs_default_8k"]
+    assert best["pass"] and best["numbers"]["length"] == 200
+    assert best["numbers"]["best_per_kind"]["attn_pool"]["gain"] == pytest.approx(0.1)
+    near = t["near_dense_8k"]          # nothing within 2 points of dense: fails
+    assert not near["pass"] and near["numbers"]["topk_mean_density"] == pytest.approx(0.94)
+    assert not t["minmax_dash_vs_quest"]["pass"]
+    rec = t["default_recall_8k"]
+    assert rec["pass"] and rec["numbers"]["method"] == "dash-std-s1"
+    assert rec["numbers"]["gap"] == pytest.approx(0.01)
+    # a worse recall fails; no recall data fails with "no data"
+    bad = [dict(r, recall=0.80) for r in _recall_rows()]
+    comp2 = er.compare(_kind_rows(), 0.8, recall=bad)
+    assert not {x["id"]: x for x in er.check_targets(comp2, [], choice)}[
+        "default_recall_8k"]["pass"]
+    none = {x["id"]: x for x in er.check_targets(er.compare(_kind_rows(), 0.8), [], choice)}
+    assert not none["default_recall_8k"]["pass"] and "no data" in none["default_recall_8k"]["note"]
+    assert "FAIL near_dense_8k" in er.format_targets(list(t.values()))
+
+
+def test_merge_keeps_recall_and_cli_reports_targets(tmp_path, capsys):
+    rep = {"model": "m", "seed": 1313, "samples_per_cell": 1, "max_model_len": 64,
+           "gpu": None, "device": "cpu", "rows": _kind_rows(), "methods": _kind_methods(),
+           "recall": _recall_rows()[:1]}
+    newer = dict(rep, rows=[], methods=[], recall=[dict(_recall_rows()[0], recall=0.5)]
+                 + _recall_rows()[1:])
+    merged = er.merge_reports([rep, newer])
+    assert sorted((x["method"], x["recall"]) for x in merged["recall"]) == [
+        ("dash-std-s1", 0.5), ("topk-k4", 0.8)]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rep))
+    out = tmp_path / "out.json"
+    assert er.main([str(path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "chosen: dash-std-s1" in text and "best learned: pool-dash-std-s2" in text
+    assert "PASS attn_pool_dash_vs_topk" in text and "FAIL minmax_dash_vs_quest" in text
+    got = json.loads(out.read_text())
+    assert [x["id"] for x in got["targets"]][0] == "attn_pool_dash_vs_topk"
+    assert got["default_choice"]["learned"]["chosen"]["method"] == "pool-dash-std-s2"
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "out.png").exists()
+    except ImportError:
+        assert "not written" in text
