@@ -28,4 +28,5 @@ def register() -> None:
     compat.register_custom_backend()
     compat.install_cpu_shim()
     compat.install_summary_pages()
+    compat.install_checkpoint_filter()
     _registered = True

@@ -8,9 +8,11 @@ tokens to dense causal attention (vLLM's FlashAttention / Triton kernels on GPU,
 on CPU). K/V writes also refresh the block summaries, kept in each KV page's padding.
 
 KV cache layout (layout.py): (num_blocks, 2, Hk, B, D), head-major per block, K then V, the
-fp32 summaries in the page padding; kernels see K and V as [num_blocks, B, Hk, D] views.
-The DASH settings are parsed once per process (config.engine_config); each layer's Impl
-keeps its layer's DashParams.
+fp32 summaries [Hk, Ds] in the page padding; kernels see K and V as [num_blocks, B, Hk, D]
+views. The DASH settings are parsed and their summary kind resolved once per process
+(compat.engine_summaries: "auto" -> attn_pool when pooling vectors exist); each layer's Impl
+keeps its layer's DashParams and, for attn_pool, its pooling vectors fp32 [Hk, D] on the
+layer's device.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
 from vllm.logger import init_logger
 
 from vllm_dash import compat, layout
-from vllm_dash.config import DashConfig, engine_config
+from vllm_dash.config import DashConfig
 from vllm_dash.kernels.checks import check_heads
 from vllm_dash.kernels.params import DashParams
 from vllm_dash.stats import STATS
@@ -144,7 +146,7 @@ class DashMetadataBuilder(AttentionMetadataBuilder[DashMetadata]):
         self.buffers = DashBuffers(max_num_seqs=max_num_seqs, num_heads=self.num_heads,
                                    num_kv_heads=self.num_kv_heads, head_size=self.head_size,
                                    max_blocks=max_blocks, device=torch.device(device))
-        config = engine_config(vllm_config.additional_config)
+        config = compat.engine_summaries(vllm_config).config
         config.check_num_layers(len(layer_names))
         self.stats_interval = config.stats_interval
         self._step = 0
@@ -215,43 +217,57 @@ class DashAttentionImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.attn_type = attn_type
         check_heads(num_heads, self.num_kv_heads)
-        vllm_config = compat.current_vllm_config()
-        self.config = engine_config(getattr(vllm_config, "additional_config", None))
+        # resolves summary "auto" and reads the pooling vectors (once per process): a bad
+        # summary_file stops the engine here, while the model is built
+        self.engine = compat.engine_summaries(compat.current_vllm_config())
+        self.config = self.engine.config
+        self.summary = self.config.summary       # concrete kind, fixed for the engine
         self._layer_idx: Optional[int] = None      # known at the first forward
         self._params: Optional[DashParams] = None
+        self.pool: Optional[torch.Tensor] = None   # attn_pool: fp32 [Hk, D] on the device
         self._fa = None
 
     def set_config(self, config: DashConfig) -> None:
         """Replace this layer's DASH settings (the accuracy harness switches settings in one
-        eager engine: eval/ calls this through set_runtime_config)."""
-        self.config = config
+        eager engine: eval/ calls this through set_runtime_config). The summary kind and
+        summary_file are engine settings (page size, cache contents): a config that resolves
+        to another kind, or names another summary_file, is refused."""
+        new = self.config.runtime_change(config, has_pool=self.engine.pool is not None)
+        self.config = new
         self._params = None
 
-    def _layer(self, layer: AttentionLayer) -> tuple:
-        """(layer index, DashParams) of this layer, computed once."""
-        if self._params is None:
+    def _layer(self, layer: AttentionLayer, device: torch.device) -> tuple:
+        """(layer index, DashParams, pooling vectors or None) of this layer, computed once."""
+        if self._layer_idx is None:
             self._layer_idx = compat.layer_index(layer.layer_name)
+            if self.engine.pool is not None:
+                first = compat.kv_head_offset(self.engine.pool.shape[1])
+                rows = self.engine.pool[self._layer_idx, first:first + self.num_kv_heads]
+                self.pool = rows.to(device=device, dtype=torch.float32).contiguous()
+        if self._params is None:
             self._params = self.config.params_for_layer(self._layer_idx)
-        return self._layer_idx, self._params
+        return self._layer_idx, self._params, self.pool
 
     # ----------------------------------------------------------------- cache views
     def _views(self, kv_cache: torch.Tensor):
         key_cache, value_cache = layout.kv_views(kv_cache)   # [nb, B, Hk, D] views
-        summaries = layout.summary_view(kv_cache, self.num_kv_heads, self.head_size)
+        summaries = layout.summary_view(kv_cache, self.num_kv_heads, self.head_size,
+                                        self.summary)
         return key_cache, value_cache, summaries
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         key_cache, value_cache, summaries = self._views(kv_cache)
+        _, _, pool = self._layer(layer, kv_cache.device)
         n = slot_mapping.shape[0]
         if kv_cache.is_cuda:
             from vllm_dash.kernels.summaries import write_kv_and_summaries
             write_kv_and_summaries(key=key[:n], value=value[:n], key_cache=key_cache,
                                    value_cache=value_cache, summaries=summaries,
-                                   slot_mapping=slot_mapping)
+                                   slot_mapping=slot_mapping, summary=self.summary, pool=pool)
         else:
             from vllm_dash import cpu
             cpu.write_kv_and_summaries(key[:n], value[:n], key_cache, value_cache, summaries,
-                                       slot_mapping)
+                                       slot_mapping, summary=self.summary, pool=pool)
 
     # ----------------------------------------------------------------- attention
     def forward(self, layer: AttentionLayer, query, key, value, kv_cache, attn_metadata,
@@ -262,7 +278,7 @@ class DashAttentionImpl(AttentionImpl):
             return output
         md: DashMetadata = attn_metadata
         key_cache, value_cache, summaries = self._views(kv_cache)
-        layer_idx, params = self._layer(layer)
+        layer_idx, params, _ = self._layer(layer, kv_cache.device)
         nd = md.num_decode_tokens
         if md.num_decodes:
             if kv_cache.is_cuda:

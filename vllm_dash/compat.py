@@ -12,12 +12,22 @@ What vLLM 0.26 lacks, and the shims that add it:
    where vLLM otherwise forces 128 when the user gave none.
 3. Block summaries inside the KV budget: 0.26 has no ``customize_spec``. When the layer's
    backend is DASH, :func:`install_summary_pages` pads each KV page (``page_size_padded``)
-   by ``layout.summary_page_bytes`` (Hk * D fp32 numbers), so vLLM's memory planner counts
-   the summaries like any other KV byte and allocates them with the cache; the backend
-   reads them from that padding (``layout.summary_view``; the page layout itself is a DASH
-   fact and lives in layout.py).
+   by ``layout.summary_page_bytes`` (Hk * Ds fp32 numbers for the engine's resolved summary
+   kind), so vLLM's memory planner counts the summaries like any other KV byte and
+   allocates them with the cache; the backend reads them from that padding
+   (``layout.summary_view``; the page layout itself is a DASH fact and lives in layout.py).
+4. Checkpoints with pooling vectors: official DashAttention checkpoints ship
+   ``model.layers.{i}.self_attn.indexer_q``, which no vLLM model has as a parameter;
+   vLLM's AutoWeightsLoader raises "There is no module or parameter named ..." on them.
+   :func:`install_checkpoint_filter` wraps ``DefaultModelLoader.get_all_weights`` so that,
+   for a model whose attention layers run DASH, those names are dropped from the weights
+   stream (the backend reads them itself: summary_source).
+:func:`engine_summaries` is where an engine's ``summary="auto"`` resolves: it reads the
+model's path and shape from the vLLM config (the only vLLM knowledge involved) and calls
+summary_source.engine_summaries, cached per process.
 Without an explicit CUSTOM selection nothing here changes vLLM's behaviour. This module
-imports layout.py, never backend.py (the backend imports this module).
+imports layout.py, config.py and summary_source.py, never backend.py (the backend imports
+this module).
 """
 from __future__ import annotations
 
@@ -28,7 +38,8 @@ import logging
 
 import torch
 
-from vllm_dash import layout
+from vllm_dash import layout, summary_source
+from vllm_dash.config import engine_config
 
 logger = logging.getLogger("vllm_dash")
 
@@ -120,12 +131,77 @@ def install_summary_pages() -> None:
         if spec is None or backend is None or not getattr(backend, "IS_DASH", False):
             return spec
         real = spec.real_page_size_bytes
+        kind = engine_summaries(vllm_config).config.summary
         return dataclasses.replace(
             spec, page_size_padded=real + layout.summary_page_bytes(spec.num_kv_heads,
-                                                                    spec.head_size))
+                                                                    spec.head_size, kind))
 
     Attention.get_kv_cache_spec = get_kv_cache_spec
     Attention._vllm_dash_pages = True
+
+
+# ------------------------------------------------------------------------- pooling vectors
+def install_checkpoint_filter() -> None:
+    """Drop ``*.self_attn.indexer_q`` from the weights stream of models served by DASH."""
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+    if getattr(DefaultModelLoader, "_vllm_dash_filter", False):
+        return
+    orig = DefaultModelLoader.get_all_weights
+
+    @functools.wraps(orig)
+    def get_all_weights(self, model_config, model):
+        weights = orig(self, model_config, model)
+        if not serves_dash(model):
+            return weights
+        return ((name, w) for name, w in weights
+                if not summary_source.is_checkpoint_pool_name(name))
+
+    DefaultModelLoader.get_all_weights = get_all_weights
+    DefaultModelLoader._vllm_dash_filter = True
+
+
+def serves_dash(model) -> bool:
+    """Whether any attention layer of ``model`` runs the DASH backend."""
+    return any(getattr(getattr(m, "attn_backend", None), "IS_DASH", False)
+               for m in model.modules())
+
+
+def _local_model_dir(model_config):
+    """The model's local folder: the path given, or its snapshot in the Hugging Face cache
+    (never downloaded here); None when neither exists."""
+    import os
+    path = model_config.model
+    if os.path.isdir(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path, revision=model_config.revision, local_files_only=True)
+    except Exception:          # not a repo id, or not in the cache
+        return None
+
+
+def engine_summaries(vllm_config) -> summary_source.EngineSummaries:
+    """The engine's resolved summary settings and pooling vectors (once per process)."""
+    config = engine_config(getattr(vllm_config, "additional_config", None))
+    mc = getattr(vllm_config, "model_config", None)
+    if mc is None:                       # no model known (unit tests): nothing to check
+        return summary_source.engine_summaries(config, None, None)
+    shape = summary_source.ModelShape(num_layers=mc.get_total_num_hidden_layers(),
+                                      num_kv_heads=mc.get_total_num_kv_heads(),
+                                      head_size=mc.get_head_size())
+    return summary_source.engine_summaries(config, _local_model_dir(mc), shape)
+
+
+def kv_head_offset(total_kv_heads: int) -> int:
+    """First (global) KV head of this tensor-parallel rank (vLLM splits KV heads evenly
+    over ranks, or replicates them when there are fewer heads than ranks)."""
+    from vllm.distributed import (get_tensor_model_parallel_rank,
+                                  get_tensor_model_parallel_world_size)
+    try:
+        rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except Exception:        # no distributed state (single process)
+        return 0
+    return rank * total_kv_heads // size
 
 
 # ------------------------------------------------------------------------- vLLM pieces

@@ -3,10 +3,19 @@
 
 The method's knobs are those of :class:`vllm_dash.kernels.params.DashParams` (with the
 serving defaults chosen from the accuracy record); DashConfig adds the serving concerns:
-unknown keys, help text, a per-layer score_scale, score_scale_file, stats_interval. It hands
-out one validated DashParams per attention layer (:meth:`DashConfig.params_for_layer`),
-built once. :func:`engine_config` parses a vLLM config's DASH settings once per process (a
+unknown keys, help text, a per-layer score_scale, score_scale_file, stats_interval, and the
+engine-level summary settings (``summary`` may be "auto"; ``summary_file``). It hands out one
+validated DashParams per attention layer (:meth:`DashConfig.params_for_layer`), built once.
+:func:`engine_config` parses a vLLM config's DASH settings once per process (a
 score_scale_file is read once, not once per layer).
+
+``summary="auto"`` is resolved at engine start, where the model is known
+(vllm_dash.summary_source.engine_summaries, called through compat.engine_summaries by the
+page padding, the builder and every layer's Impl): :meth:`DashConfig.resolve_summary` turns it
+into "attn_pool" when pooling vectors exist (summary_file, or the checkpoint's indexer_q) and
+into :data:`TRAINING_FREE_SUMMARY` otherwise. An unresolved "auto" config (no model known, e.g.
+in tests or the recall harness without vectors) builds its DashParams with
+TRAINING_FREE_SUMMARY, which is what "auto" means when no vectors are given.
 
 Unknown keys and out-of-range values raise ``ValueError`` with the key and its allowed
 values, so a bad setting stops the server before it serves anything. No vLLM import here.
@@ -21,10 +30,17 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from vllm_dash.kernels.params import RULES, DashParams, is_number
+from vllm_dash.kernels.params import RULES, SUMMARY_KINDS, DashParams, is_number
 from vllm_dash.layout import SUPPORTED_BLOCK_SIZES
 
-__all__ = ["DashConfig", "SUPPORTED_BLOCK_SIZES", "config_help", "engine_config"]
+__all__ = ["DashConfig", "SUPPORTED_BLOCK_SIZES", "SUMMARY_CHOICES", "TRAINING_FREE_SUMMARY",
+           "config_help", "engine_config"]
+
+#: The summary kind "auto" becomes when no pooling vectors are available (the one
+#: training-free default; "mean" until the issue-13 record run says otherwise).
+TRAINING_FREE_SUMMARY = "mean"
+#: Allowed values of the ``summary`` key.
+SUMMARY_CHOICES = ("auto",) + tuple(SUMMARY_KINDS)
 
 # key -> (allowed values in words, help): one place for error messages, the README table
 # and CLI help. The allowed values of the method's knobs come from DashParams' RULES.
@@ -43,6 +59,12 @@ _HELP = {
     "score_norm": "standardize scores per head before entmax",
     "prior_norm": "normalise the prior by its max",
     "selector": "entmax = DASH; topk = baseline: only forced blocks + min_blocks per head",
+    "summary": "block summary kind (engine-level: fixes the KV page size): mean key; minmax = "
+               "Quest's per-channel bounds (twice the bytes); attn_pool = keys pooled by "
+               "learned per-(layer, KV head) vectors; auto = attn_pool when summary_file is "
+               f"given or the checkpoint ships indexer_q, else {TRAINING_FREE_SUMMARY}",
+    "summary_file": "pooling vectors for attn_pool (`vllm-dash distill` output); its "
+                    "score_scale tensor, if any, is checked and ignored",
 }
 _ALLOWED = {
     **RULES,
@@ -51,6 +73,9 @@ _ALLOWED = {
     "score_scale_file": 'a path to a JSON file {"score_scale": [one number per attention '
                         'layer]}',
     "stats_interval": "an integer >= 0",
+    "summary": f"one of {list(SUMMARY_CHOICES)}",
+    "summary_file": "null or a path to a safetensors file with tensor pool: fp32 [layers, KV "
+                    "heads, head_size] (only with summary auto or attn_pool)",
 }
 _DOC = {key: (_ALLOWED[key], text) for key, text in _HELP.items()}
 
@@ -75,6 +100,8 @@ class DashConfig:
     prior_norm: str = "none"
     stats_interval: int = 16
     selector: str = "entmax"
+    summary: str = "auto"
+    summary_file: Optional[str] = None
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -127,10 +154,53 @@ class DashConfig:
             raise bad("score_scale", self.score_scale)
         if self.score_scale_file is not None and not isinstance(self.score_scale_file, str):
             raise bad("score_scale_file", self.score_scale_file)
+        self._validate_summary(bad)
         try:
             self._layer_params
         except ValueError as e:          # DashParams names the key and its allowed values
             raise ValueError(f"DASH config {e}") from None
+
+    def _validate_summary(self, bad) -> None:
+        if not isinstance(self.summary, str) or self.summary not in SUMMARY_CHOICES:
+            raise bad("summary", self.summary)
+        path = self.summary_file
+        if path is None:
+            return
+        if not isinstance(path, str) or not path:
+            raise bad("summary_file", path)
+        if self.summary not in ("auto", "attn_pool"):
+            raise ValueError(f"DASH config summary_file={path!r} is invalid with summary="
+                             f"{self.summary!r}: must be null unless summary is 'auto' or "
+                             f"'attn_pool'")
+        if not os.path.isfile(os.path.expanduser(path)):
+            raise ValueError(f"DASH config summary_file={path!r} is not a file: must be "
+                             f"{_DOC['summary_file'][0]}")
+
+    def resolve_summary(self, has_pool: bool) -> "DashConfig":
+        """This config with a concrete summary kind: "auto" -> "attn_pool" when pooling
+        vectors are available (``has_pool``), else TRAINING_FREE_SUMMARY. "attn_pool" without
+        vectors is an error. Called at engine start (summary_source.engine_summaries)."""
+        kind = self.summary
+        if kind == "auto":
+            kind = "attn_pool" if has_pool else TRAINING_FREE_SUMMARY
+        elif kind == "attn_pool" and not has_pool:
+            raise ValueError("DASH config summary='attn_pool' needs pooling vectors: give "
+                             "summary_file, or serve a checkpoint that ships "
+                             "model.layers.{i}.self_attn.indexer_q")
+        return self if kind == self.summary else dataclasses.replace(self, summary=kind)
+
+    def runtime_change(self, new: "DashConfig", *, has_pool: bool) -> "DashConfig":
+        """``new`` resolved, to replace this (resolved) engine config in a running engine;
+        ValueError if it would change an engine-level setting: the summary kind it resolves
+        to, or summary_file."""
+        resolved = new.resolve_summary(has_pool)
+        if resolved.summary != self.summary or new.summary_file != self.summary_file:
+            raise ValueError(
+                f"DASH config summary={new.summary!r} (-> {resolved.summary!r}), summary_file="
+                f"{new.summary_file!r} cannot replace the engine's summary={self.summary!r}, "
+                f"summary_file={self.summary_file!r}: the summary kind is an engine setting "
+                f"(KV page size, cache contents); start a new engine to change it")
+        return resolved
 
     def check_num_layers(self, num_layers: int) -> None:
         """A per-layer score_scale must have one entry per attention layer."""
@@ -144,8 +214,15 @@ class DashConfig:
         """One DashParams per score_scale entry (built once per config)."""
         scales = self.score_scale if isinstance(self.score_scale, tuple) else (self.score_scale,)
         knobs = {k: getattr(self, k) for k in DashParams.keys() if k != "score_scale"}
-        knobs.update(alpha=_as_float(self.alpha), prior_weight=_as_float(self.prior_weight))
+        knobs.update(alpha=_as_float(self.alpha), prior_weight=_as_float(self.prior_weight),
+                     summary=self.summary_kind)
         return tuple(DashParams(score_scale=_as_float(s), **knobs) for s in scales)
+
+    @property
+    def summary_kind(self) -> str:
+        """The concrete summary kind of the layers' DashParams ("auto" unresolved: the
+        training-free default)."""
+        return TRAINING_FREE_SUMMARY if self.summary == "auto" else self.summary
 
     def params_for_layer(self, layer_index: int) -> DashParams:
         """The method's knobs for one attention layer (the same object on every call)."""

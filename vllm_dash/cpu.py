@@ -14,10 +14,13 @@ from vllm_dash.kernels import reference
 from vllm_dash.kernels.params import DashParams
 
 
-def write_kv_and_summaries(key, value, key_cache, value_cache, summaries, slot_mapping) -> None:
+def write_kv_and_summaries(key, value, key_cache, value_cache, summaries, slot_mapping, *,
+                           summary: str = "mean", pool=None) -> None:
+    """K/V into the cache and the touched blocks' summaries of kind ``summary`` (attn_pool:
+    ``pool`` fp32 [Hk, D], the layer's pooling vectors)."""
     reference.write_kv_and_summaries(key=key, value=value, key_cache=key_cache,
                                      value_cache=value_cache, summaries=summaries,
-                                     slot_mapping=slot_mapping)
+                                     slot_mapping=slot_mapping, summary=summary, pool=pool)
 
 
 def decode(md, q, key_cache, value_cache, summaries, out, *, params: DashParams,

@@ -3,7 +3,8 @@
 One vLLM KV page (one block of B tokens of one layer) holds
 
     K  [Hk, B, D]  then  V  [Hk, B, D]       in the cache dtype (head-major per block)
-    kbar [Hk, D]                              fp32 block summaries, in the page's padding
+    kbar [Hk, Ds]                             fp32 block summaries, in the page's padding
+                                              (Ds = D, or 2 * D for summary "minmax")
 
 so the KV cache tensor vLLM hands the backend has shape (num_blocks, 2, Hk, B, D) and a
 block stride of the PADDED page size (``kv_page_bytes + summary_page_bytes``). vLLM's
@@ -12,11 +13,14 @@ depends on the vLLM version), and a summary lives in the same physical page as i
 valid under prefix caching (a shared block is never rewritten), recycled with the block.
 
 The kernels see K and V as [num_blocks, B, Hk, D] strided views (:func:`kv_views`) and the
-summaries as fp32 [num_blocks, Hk, D] (:func:`summary_view`). No vLLM import here.
+summaries as fp32 [num_blocks, Hk, Ds] (:func:`summary_view`); the summary kind is an
+engine-level setting (it fixes the page size). No vLLM import here.
 """
 from __future__ import annotations
 
 import torch
+
+from vllm_dash.kernels.params import summary_dim
 
 __all__ = ["SUMMARY_DTYPE", "DEFAULT_BLOCK_SIZE", "SUPPORTED_BLOCK_SIZES", "HEAD_SIZES",
            "kv_cache_shape", "summary_page_bytes", "kv_views", "summary_view"]
@@ -34,9 +38,10 @@ def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
     return (num_blocks, 2, num_kv_heads, block_size, head_size)
 
 
-def summary_page_bytes(num_kv_heads: int, head_size: int) -> int:
-    """Bytes of one page's block summaries (the padding added to every KV page)."""
-    return num_kv_heads * head_size * SUMMARY_DTYPE.itemsize
+def summary_page_bytes(num_kv_heads: int, head_size: int, summary: str = "mean") -> int:
+    """Bytes of one page's block summaries (the padding added to every KV page):
+    Hk * Ds fp32 numbers (Ds = 2 * D for "minmax", D otherwise)."""
+    return num_kv_heads * summary_dim(summary, head_size) * SUMMARY_DTYPE.itemsize
 
 
 def kv_views(kv_cache: torch.Tensor):
@@ -44,20 +49,23 @@ def kv_views(kv_cache: torch.Tensor):
     return kv_cache[:, 0].transpose(1, 2), kv_cache[:, 1].transpose(1, 2)
 
 
-def summary_view(kv_cache: torch.Tensor, num_kv_heads: int, head_size: int) -> torch.Tensor:
-    """fp32 [num_blocks, Hk, D] view of the summaries stored in each page's padding.
+def summary_view(kv_cache: torch.Tensor, num_kv_heads: int, head_size: int,
+                 summary: str = "mean") -> torch.Tensor:
+    """fp32 [num_blocks, Hk, Ds] view of the summaries stored in each page's padding
+    (Ds = 2 * D for "minmax": min then max; D otherwise).
 
     ``kv_cache`` is the layer's cache as vLLM hands it to the backend: shape
     (num_blocks, 2, Hk, B, D) in the cache dtype, block stride = padded page size.
     """
     nb, two, hk, b, d = kv_cache.shape
+    ds = summary_dim(summary, head_size)
     page = kv_cache.stride(0)
     kv_elems = two * hk * b * d
     ratio = SUMMARY_DTYPE.itemsize // kv_cache.element_size()   # cache elems per fp32
-    if page < kv_elems + hk * d * ratio:
+    if page < kv_elems + hk * ds * ratio:
         raise RuntimeError(
-            "the KV cache pages have no room for DASH block summaries: the DASH page padding "
-            "was not applied (is vllm_dash registered in this process?)")
-    raw = torch.as_strided(kv_cache, size=(nb, hk, d * ratio), stride=(page, d * ratio, 1),
+            f"the KV cache pages have no room for DASH block summaries ({summary!r}): the DASH "
+            "page padding was not applied (is vllm_dash registered in this process?)")
+    raw = torch.as_strided(kv_cache, size=(nb, hk, ds * ratio), stride=(page, ds * ratio, 1),
                            storage_offset=kv_cache.storage_offset() + kv_elems)
     return raw.view(SUMMARY_DTYPE) if ratio != 1 else raw

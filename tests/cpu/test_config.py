@@ -48,6 +48,10 @@ def test_values_are_used():
     ({"selector": "quest"}, "selector"), ({"selector": "topk", "min_blocks": 0}, "min_blocks"),
     ({"stats_interval": -1}, "stats_interval"), ({"score_scale_file": 3}, "score_scale_file"),
     ({"score_scale_file": "/nonexistent/scales.json"}, "score_scale_file"),
+    ({"summary": "quest"}, "summary"), ({"summary": None}, "summary"),
+    ({"summary_file": 3}, "summary_file"), ({"summary_file": ""}, "summary_file"),
+    ({"summary_file": "/nonexistent/pool.safetensors"}, "summary_file"),
+    ({"summary": "minmax", "summary_file": __file__}, "summary_file"),
 ])
 def test_bad_values_name_the_key_and_allowed_values(dash, key):
     with pytest.raises(ValueError, match=key) as e:
@@ -94,3 +98,46 @@ def test_engine_config_parses_once_per_process(tmp_path, monkeypatch):
     assert engine_config(None) is engine_config({"other": 2}) == DashConfig()
     with pytest.raises(ValueError, match="JSON object"):
         engine_config({"dash": [1]})
+
+
+def test_summary_kinds_and_auto_resolution():
+    """"auto" builds the training-free kind until resolved; resolution picks attn_pool only
+    when pooling vectors exist; an explicit attn_pool without vectors is an error."""
+    from vllm_dash.config import TRAINING_FREE_SUMMARY
+    auto = DashConfig.from_mapping(None)
+    assert auto.summary == "auto" and auto.summary_file is None
+    assert auto.params_for_layer(0).summary == TRAINING_FREE_SUMMARY == "mean"
+    assert auto.resolve_summary(False).params_for_layer(0).summary == "mean"
+    pooled = auto.resolve_summary(True)
+    assert pooled.summary == "attn_pool" and pooled.params_for_layer(3).summary == "attn_pool"
+    for kind in ("mean", "minmax"):
+        cfg = DashConfig.from_mapping({"summary": kind})
+        assert cfg.resolve_summary(True) is cfg and cfg.params_for_layer(0).summary == kind
+    explicit = DashConfig.from_mapping({"summary": "attn_pool"})
+    assert explicit.resolve_summary(True) is explicit
+    with pytest.raises(ValueError, match="summary='attn_pool' needs pooling vectors") as e:
+        explicit.resolve_summary(False)
+    assert "\n" not in str(e.value)
+    with_file = DashConfig.from_mapping({"summary_file": __file__})   # any existing file
+    assert with_file.summary_file == __file__ and "summary" in config_help()
+
+
+def test_runtime_change_keeps_the_engine_summary():
+    """set_runtime_config -> Impl.set_config -> runtime_change: knobs may change, the summary
+    kind and summary_file may not."""
+    engine = DashConfig.from_mapping({}).resolve_summary(False)            # mean
+    new = engine.runtime_change(DashConfig.from_mapping({"min_blocks": 2}), has_pool=False)
+    assert new.summary == "mean" and new.min_blocks == 2
+    assert engine.runtime_change(DashConfig.from_mapping({"summary": "mean"}),
+                                 has_pool=False).summary == "mean"
+    with pytest.raises(ValueError, match="summary='minmax'.*engine's summary='mean'") as e:
+        engine.runtime_change(DashConfig.from_mapping({"summary": "minmax"}), has_pool=False)
+    assert "start a new engine" in str(e.value) and "\n" not in str(e.value)
+    pooled = DashConfig.from_mapping({"summary_file": __file__}).resolve_summary(True)
+    same = pooled.runtime_change(DashConfig.from_mapping({"summary_file": __file__,
+                                                          "score_scale": 4}), has_pool=True)
+    assert same.summary == "attn_pool" and same.score_scale == 4
+    with pytest.raises(ValueError, match="summary_file=None cannot replace"):
+        pooled.runtime_change(DashConfig.from_mapping({}), has_pool=True)
+    with pytest.raises(ValueError, match="-> 'mean'"):
+        pooled.runtime_change(DashConfig.from_mapping({"summary": "mean"}), has_pool=True)

@@ -2,15 +2,19 @@
 
 Every engine runs in its own child process inside a private network namespace (e2e_helpers).
 Dense equivalence: DASH with score_scale 0 (uniform entmax: every block selected) and
-prior_weight 0 must give exactly the tokens of vLLM's own CPU backend.
+prior_weight 0 must give exactly the tokens of vLLM's own CPU backend, whatever the block
+summary kind (mean, minmax, attn_pool).
 """
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 
 import pytest
 
-from e2e_helpers import needs_netns, run_vllm
+from e2e_helpers import (HERE, VLLM_TIMEOUT_S, engine_env, failure, needs_netns, run_isolated,
+                         run_vllm)
 from vllm_dash.serving import child
 
 pytestmark = [needs_netns, pytest.mark.slow]
@@ -142,6 +146,82 @@ def test_smollm2_dense_equivalence_and_sparse(tmp_path, vllm_cache_root, smollm2
     assert len(words) >= 8 and len(alpha) >= 0.8 * len(words) and len(set(alpha)) >= 5, out
     print("sparse SmolLM2 @", out["prompt_len"], "tokens: density per layer",
           [round(x, 3) for x in d], "->", repr(out["text"]))
+
+
+def dash_checkpoint(src, dst, seed: int = 1):
+    """A copy of the tiny model in the official DashAttention checkpoint layout: one bf16
+    ``model.layers.{i}.self_attn.indexer_q`` [Hk*D] per layer, here in a second safetensors
+    shard listed by model.safetensors.index.json. Returns (folder, pooling vectors as
+    nested lists [L][Hk][D], bf16-rounded)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    L, Hk, D = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
+    gen = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(L, Hk, D, generator=gen) * 2).to(torch.bfloat16)
+    extra = {f"model.layers.{i}.self_attn.indexer_q": pool[i].reshape(-1).contiguous()
+             for i in range(L)}
+    save_file(extra, str(dst / "model-indexer.safetensors"))
+    with safe_open(str(dst / "model.safetensors"), framework="pt") as f:
+        weight_map = {name: "model.safetensors" for name in f.keys()}
+    weight_map.update({name: "model-indexer.safetensors" for name in extra})
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst, pool.float().tolist()
+
+
+def test_tiny_summary_kinds(tmp_path, vllm_cache_root, tiny_llama_dir):
+    """One engine per summary kind, in one child process: with dense settings, minmax and
+    attn_pool (vectors from the checkpoint's indexer_q, real weights loaded through vLLM's
+    loader) give vLLM's own tokens; the checkpoint's vectors reach every layer; a sparse
+    attn_pool engine on a summary_file answers; a summary_file of the wrong shape stops the
+    engine at start-up with a one-line error naming the file, the tensor and both shapes;
+    vLLM without DASH cannot load such a checkpoint (its loader rejects indexer_q)."""
+    import torch
+    from safetensors.torch import save_file
+    ckpt, pool = dash_checkpoint(tiny_llama_dir, tmp_path / "dash-ckpt")
+    good, bad = tmp_path / "pool.safetensors", tmp_path / "bad.safetensors"
+    file_pool = torch.randn(2, 2, 32, generator=torch.Generator().manual_seed(2))
+    save_file({"pool": file_pool, "score_scale": torch.ones(2, 2)}, str(good))
+    save_file({"pool": torch.zeros(2, 2, 16)}, str(bad))
+    plain = str(tiny_llama_dir)
+    engines = [
+        {"name": "base", "model": plain},
+        {"name": "minmax", "model": plain, "llm_kwargs": dash({**DENSE, "summary": "minmax"})},
+        {"name": "ckpt", "model": str(ckpt), "llm_kwargs": dash(DENSE)},
+        {"name": "file", "model": plain,
+         "llm_kwargs": dash({**SPARSE, "summary": "attn_pool", "summary_file": str(good)})},
+        {"name": "bad", "model": plain, "llm_kwargs": dash({"summary_file": str(bad)})},
+        # why compat filters indexer_q for DASH: vLLM's own loader rejects the name
+        {"name": "vllm-ckpt", "model": str(ckpt)},
+    ]
+    spec = dict(prompts=[text_of(1, 25), text_of(2, 6)], max_tokens=8, max_model_len=1024,
+                engines=engines)
+    res = run_isolated([sys.executable, str(HERE / "summary_child.py")], spec,
+                       env=engine_env(vllm_cache_root, VLLM_ENABLE_V1_MULTIPROCESSING="0"),
+                       timeout=VLLM_TIMEOUT_S, cwd=tmp_path)
+    rows = {r["name"]: r for r in res.rows}
+    assert res.ok and list(rows) == [e["name"] for e in engines], failure(res, "engines")
+    print("summary kinds:", {k: r.get("seconds") for k, r in rows.items()})
+    base = rows["base"]
+    assert max(base["prompt_lens"]) > 128 and all(len(t) == 8 for t in base["token_ids"])
+    for name, kind in (("minmax", "minmax"), ("ckpt", "attn_pool"), ("file", "attn_pool")):
+        layers = rows[name]["layers"]
+        assert len(layers) == 2 and all(x["summary"] == x["params_summary"] == kind
+                                        for x in layers), (name, layers)
+    assert rows["minmax"]["token_ids"] == base["token_ids"]
+    assert rows["ckpt"]["token_ids"] == base["token_ids"]
+    assert [x["pool"] for x in rows["ckpt"]["layers"]] == pool
+    got = torch.tensor([x["pool"] for x in rows["file"]["layers"]])
+    assert torch.equal(got, file_pool) and all(len(t) == 8 for t in rows["file"]["token_ids"])
+    assert rows["minmax"]["layers"][0]["pool"] is None
+    err = rows["bad"]["error"]
+    assert f"DASH pooling vectors in {bad}: tensor 'pool' has shape [2, 2, 16] but the model " \
+           f"needs [2, 2, 32]" in err, err
+    assert "no module or parameter named 'layers.0.self_attn.indexer_q'" in \
+        rows["vllm-ckpt"]["error"]
 
 
 SPLIT_SCRIPT = r'''
