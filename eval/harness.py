@@ -175,7 +175,8 @@ def engine_specs(args, methods, samples, calib, max_model_len, device, t0) -> tu
     engines = []
     if any(m["dash"] is None for m in methods):
         engines.append({**spec, "engine": "dense", "methods": []})
-    groups, notes, _ = M.engine_groups(methods, getattr(args, "summary_file", None))
+    sf = getattr(args, "summary_file", None)       # absolute: the engines compare paths
+    groups, notes, _ = M.engine_groups(methods, os.path.abspath(sf) if sf else None)
     if getattr(args, "recall", False) and groups:
         engines.append(recall_spec(args, groups, device))
     for g in groups:

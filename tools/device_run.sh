@@ -13,11 +13,13 @@
 # batch 1/8/32, with the selection hook) with the package of an older tree exported into DIR
 # (git archive REV kernels vllm_dash serving benchmarks | tar -x -C DIR; a git-ignored folder
 # carried with the job), then with this tree, and compares them (benchmarks/compare_kernels.py).
-# distill fits SmolLM2's attn_pool summaries (`vllm-dash distill`, DISTILL_ARGS extra arguments,
+# distill fits SmolLM2's attn_pool summaries (vllm-dash distill, DISTILL_ARGS extra arguments,
 # DISTILL_TIMEOUT s, default 180) into /tmp/dash/smollm2-pool.safetensors and copies it to $OUT.
 # record13 is the issue-13 accuracy record: eval --methods record13 (dense + top-k and DASH on
 # mean/minmax/attn_pool summaries), passkey + niah_single_1, 60 prompts per task and length,
-# seed 1313, attention recall (--recall), the summary file SUMMARY_FILE (default: distill's);
+# seed 1313, the summary file SUMMARY_FILE (default: distill's), RECORD_ARGS (default
+# "--recall --recall-timeout 150": attention recall; e.g. "--only dense,topk-minmax,..." to
+# split the record over two calls, merged later by vllm-dash eval-report);
 # its time budget is what is left before DEVICE_DEADLINE s after this script started (default
 # 585: one device call of 600 s), less 150 s (engine cut 90 s after the budget, report).
 # One call: bash tools/device_run.sh smollm2 distill record13 (after the ggpart calls).
@@ -85,13 +87,13 @@ for step in "$@"; do
       export VLLM_DASH_CACHE=${VLLM_DASH_CACHE:-/tmp/dashcache}     # smollm2's folder
       model=$(python3 -P -c "from vllm_dash.serving.models import default_model_dir as d; print(d())" 2>/dev/null | tail -1)
       log "distill $model"; mkdir -p /tmp/dash
-      unshare -n python3 serving/netns.py sh -c 'cd /tmp && exec timeout "$2" python3 -P -m vllm_dash.serving.cli distill "$0" --out /tmp/dash/smollm2-pool.safetensors --device cuda $1' "$model" "${DISTILL_ARGS:-}" "${DISTILL_TIMEOUT:-180}" > "$OUT/distill.txt" 2>&1
+      unshare -n python3 serving/netns.py sh -c 'cd /tmp && exec timeout "$2" python3 -P -m vllm_dash.eval.distill "$0" --out /tmp/dash/smollm2-pool.safetensors --device cuda $1' "$model" "${DISTILL_ARGS:-}" "${DISTILL_TIMEOUT:-180}" > "$OUT/distill.txt" 2>&1
       cp /tmp/dash/smollm2-pool.safetensors "$OUT/" 2>/dev/null
       tail -8 "$OUT/distill.txt" | tr '\r' '\n' | tail -8 | tee -a "$OUT/steps.log"; ls -l /tmp/dash | tee -a "$OUT/steps.log" ;;
     record13)
       export VLLM_DASH_CACHE=${VLLM_DASH_CACHE:-/tmp/dashcache}
       left=$((${DEVICE_DEADLINE:-585} - SECONDS)); budget=$((left - 150))
-      a="--methods record13 --tasks passkey,niah_single_1 --samples 60 --seed 1313 --recall --summary-file ${SUMMARY_FILE:-/tmp/dash/smollm2-pool.safetensors} --max-num-seqs 128 --gpu-memory-utilization 0.8 --time-budget $budget ${RECORD_ARGS:-}"
+      a="--methods record13 --tasks passkey,niah_single_1 --samples 60 --seed 1313 --recall --summary-file ${SUMMARY_FILE:-/tmp/dash/smollm2-pool.safetensors} --max-num-seqs 128 --gpu-memory-utilization 0.8 --time-budget $budget ${RECORD_ARGS---recall --recall-timeout 150}"
       if [ "$budget" -lt 60 ]; then log "record13: only ${left}s left, not started (DEVICE_DEADLINE)"
       else log "record13: $a"; accuracy "$a" $((left - 5)); fi ;;
   esac

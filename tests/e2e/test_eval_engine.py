@@ -58,3 +58,41 @@ def test_calibrate_writes_a_loadable_score_scale_file(tmp_path, tiny_llama_dir,
     cfg = DashConfig.from_mapping({"score_scale_file": str(out)})
     cfg.check_num_layers(n_layers)
     assert list(cfg.score_scale) == data["score_scale"]
+
+
+@needs_netns
+@pytest.mark.slow
+def test_eval_one_engine_per_summary_kind(tmp_path, tiny_llama_dir, vllm_cache_root):
+    """Summary kinds are engine settings: eval starts one DASH engine per kind (minmax, and
+    attn_pool with a summary file), and each engine's methods switch configs in place with
+    the engine's kind and file (the adapter refuses any other)."""
+    import torch
+    from safetensors.torch import save_file
+    pool = tmp_path / "pool.safetensors"         # zeros: attn_pool pools like mean
+    save_file({"pool": torch.zeros(2, 2, 32)}, str(pool),
+              metadata={"format": "vllm-dash-summaries/1"})
+    methods = [
+        {"name": "minmax-topk-k2", "family": "topk-minmax",
+         "dash": {**M.BASE, "selector": "topk", "min_blocks": 2, "summary": "minmax"}},
+        {"name": "pool-dash-s2", "family": "dash-std-attn_pool",
+         "dash": {**M.BASE, "score_scale": 2.0, "summary": "attn_pool"}},
+        {"name": "pool-topk-k2", "family": "topk-attn_pool",
+         "dash": {**M.BASE, "selector": "topk", "min_blocks": 2, "summary": "attn_pool"}}]
+    mfile = tmp_path / "methods.json"
+    mfile.write_text(json.dumps(methods))
+    out = tmp_path / "acc.json"
+    cmd = [sys.executable, "-m", "vllm_dash.eval", "--model", str(tiny_llama_dir),
+           "--device", "cpu", "--methods", str(mfile), "--tasks", "passkey", "--lengths",
+           "1024", "--samples", "2", "--max-num-seqs", "4", "--summary-file", str(pool),
+           "--out", str(out), "--timeout", "600"]
+    res = run_isolated(cmd, env=engine_env(vllm_cache_root), timeout=900, cwd=tmp_path)
+    assert res.ok, failure(res, "vllm-dash eval (summary kinds)")
+    rep = json.loads(out.read_text())
+    assert rep["not_run"] == [] and not rep["notes"], rep
+    eng = rep["engines"]
+    assert eng["dash-minmax"]["engine_dash"]["summary"] == "minmax"
+    assert eng["dash-attn_pool"]["engine_dash"]["summary_file"] == str(pool)
+    rows = {r["method"]: r for r in rep["rows"]}
+    assert set(rows) == {m["name"] for m in methods}
+    for r in rows.values():
+        assert 0 < r["density"] < 1, r
