@@ -195,7 +195,9 @@ def recall_spec(args, groups, device) -> dict:
     return {"engine": "recall", "model": args.model, "device": device, "methods": methods,
             "samples": [], "lengths": list(args.lengths), "windows": args.recall_windows,
             "positions": args.recall_positions, "seed": args.seed,
-            "summary_file": getattr(args, "summary_file", None), "timeout": args.recall_timeout}
+            "summary_file": next((m["dash"]["summary_file"] for m in methods
+                                  if m["dash"].get("summary_file")), None),
+            "timeout": args.recall_timeout}
 
 
 def run_eval(args) -> dict:

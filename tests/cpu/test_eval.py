@@ -234,3 +234,29 @@ def test_record_run_groups_engines_and_stores_recall(tmp_path, tiny_llama_dir, m
     assert saved["engines"]["dash-minmax"]["engine_dash"]["summary"] == "minmax"
     with pytest.raises(SystemExit, match="--recall-windows"):
         harness.eval_main(["--model", str(tiny_llama_dir), "--recall-windows", "0"])
+
+
+def test_recall_child_with_the_real_measure_recall(tiny_llama_dir, monkeypatch):
+    """The harness's recall spec through the real measure_recall (tiny Llama, one window)."""
+    from vllm_dash.eval import engine
+    sent = []
+    monkeypatch.setattr(engine.child, "emit", sent.append)
+    args = harness.eval_parser().parse_args(
+        ["--model", str(tiny_llama_dir), "--lengths", "256", "--recall", "--recall-windows",
+         "1", "--recall-positions", "2", "--device", "cpu"])
+    groups, _, _ = M.engine_groups([m for m in M.record_methods()
+                                    if m["name"] in ("topk-k2", "minmax-dash-std-s2")], None)
+    engine.run_engine(harness.recall_spec(args, groups, "cpu"))
+    rows = {r["method"]: r for r in sent[0]["recall"]}
+    assert set(rows) == {"topk-k2", "minmax-dash-std-s2"}
+    for r in rows.values():
+        assert r["length"] == 256 and 0 < r["density"] <= 1
+        assert 0 <= r["recall"] <= r["oracle_recall"] + 1e-6
+
+
+def test_engine_not_started_once_the_time_budget_is_spent(monkeypatch):
+    monkeypatch.setattr(harness, "spawn_engine", lambda *a, **k: pytest.fail("spawned"))
+    args = harness.eval_parser().parse_args(["--time-budget", "10"])
+    info = {}
+    assert harness._run_one(args, {"engine": "dash-minmax"}, time.time() - 20, info) is None
+    assert "time budget" in info["dash-minmax"]["error"]
