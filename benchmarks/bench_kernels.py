@@ -16,6 +16,8 @@ For every (heads, batch, context) it times, with triton.testing.do_bench (warm-u
   select@<d>, dash+select@<d>
                 with a selection hook (--select module:function, or run(select_fn=...)): the
                 hook alone and hook + our decode.
+With --write it times the fused cache write per summary kind instead (benchmarks/
+bench_write.py: write-<kind>-decode / -prefill rows, each with its ratio to mean).
 
 Each row reports latency (µs), bytes read (K+V of the tokens attended + q + out), achieved
 TB/s and % of the GPU's HBM peak (H100 SXM 3.35 TB/s, H200 4.8 TB/s, by device name).
@@ -24,6 +26,7 @@ context, one line per method, one panel per heads/batch) next to it.
 
     python benchmarks/bench_kernels.py --out results/bench_kernels.json
     python benchmarks/bench_kernels.py --quick            # a few small configs
+    python benchmarks/bench_kernels.py --write --contexts 131072 --batches 8 --heads 32/8
 
 Selection hook signature (writes the compacted selection in place, no return value):
     fn(*, q, key_cache, value_cache, block_table, seq_lens, block_size, density,
@@ -45,6 +48,7 @@ from common import DTYPES, bench_ms, fa3_module, floats, gpu_name, hbm_peak_tbs,
 
 common.interpret_without_gpu()             # before the kernels import Triton
 from dense_fill import fill_dense_selection  # noqa: E402
+from bench_write import print_ratios, write_rows  # noqa: E402
 from fa_tables import (compact_head_major_tables, head_major_page_view,  # noqa: E402
                        queries_as_groups)
 from vllm_dash.kernels.decode import (DecodeWorkspace, choose_num_splits,  # noqa: E402
@@ -347,6 +351,10 @@ def parse_args(argv=None):
     p.add_argument("--methods", default="", help="comma-separated method-name prefixes to run")
     p.add_argument("--select", default=None, help="selection hook module:function")
     p.add_argument("--no-fa3", action="store_true", help="skip the vLLM FA3 baselines")
+    p.add_argument("--write", action="store_true",
+                   help="time the fused cache write per summary kind instead of decode")
+    p.add_argument("--write-chunk", type=int, default=2048,
+                   help="tokens of the --write prefill step (shared out over the batch)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
     p.add_argument("--quick", action="store_true", help="contexts 4K,32K; batches 1,8")
@@ -428,13 +436,23 @@ def run(args=None, select_fn: Optional[Callable] = None):
     for Hq, Hk in heads:
         for batch in batches:
             for ctx in contexts:
-                rows += run_config(Hq=Hq, Hk=Hk, batch=batch, ctx=ctx, D=args.head_size,
-                                   B=args.block_size, dtype=DTYPES[args.dtype],
-                                   densities=args.densities, prior_weight=args.prior_weight,
-                                   num_splits=args.num_splits, layout=args.layout,
-                                   warmup=args.warmup, rep=args.rep, select_fn=select_fn,
-                                   fa3=fa3, fa3_reason=fa3_reason, methods=methods,
-                                   peak=peak, device=device, launch=launch)
+                if args.write:
+                    base = dict(heads=f"{Hq}/{Hk}", batch=batch, context=ctx,
+                                head_size=args.head_size, block_size=args.block_size,
+                                dtype=args.dtype, layout=args.layout)
+                    rows += write_rows(Hk=Hk, batch=batch, ctx=ctx, D=args.head_size,
+                                       B=args.block_size, dtype=DTYPES[args.dtype],
+                                       layout=args.layout, warmup=args.warmup, rep=args.rep,
+                                       device=device, base=base, methods=methods,
+                                       chunk=args.write_chunk, peak=peak)
+                else:
+                    rows += run_config(Hq=Hq, Hk=Hk, batch=batch, ctx=ctx, D=args.head_size,
+                                       B=args.block_size, dtype=DTYPES[args.dtype],
+                                       densities=args.densities, prior_weight=args.prior_weight,
+                                       num_splits=args.num_splits, layout=args.layout,
+                                       warmup=args.warmup, rep=args.rep, select_fn=select_fn,
+                                       fa3=fa3, fa3_reason=fa3_reason, methods=methods,
+                                       peak=peak, device=device, launch=launch)
                 done = [r for r in rows if r["context"] == ctx and r["batch"] == batch
                         and r["heads"] == f"{Hq}/{Hk}"]
                 print(f"[{Hq}/{Hk} batch {batch} ctx {ctx}] " + ", ".join(
@@ -445,6 +463,7 @@ def run(args=None, select_fn: Optional[Callable] = None):
           f"{peak if peak else 'unknown'} TB/s; dtype {args.dtype}, D={args.head_size}, "
           f"B={args.block_size}, layout {args.layout}; FA3: {'available' if fa3 else fa3_reason}")
     print_table(rows)
+    print_ratios(rows)
     png = args.png or os.path.splitext(args.out)[0] + ".png"
     png_status = write_png(rows, png)
     _write_json(args, rows, name, peak, fa3, fa3_reason, png_status)

@@ -13,11 +13,11 @@ no allocation when a :class:`SelectWorkspace` is passed (CUDA-graph capturable).
 of length <= 0 give count 0; sequences shorter than ``dense_below`` skip K1-K3a and K3b
 lists every block with log-prior 0.
 
-  K1 scores, grid (S, Hk, P), P <= ceil(n_max / CHUNK) programs per pair looping over
-     chunks (see _score_programs): u = scale * q_h . kbar_c for the G heads of the KV head
-     over CHUNK blocks at a time with ``tl.dot`` (the G rows padded to 16; fp32
-     inputs, "tf32x3" precision: three TF32 tensor-core products, fp32-level accuracy,
-     measured |dz|/max|z| ~5e-7 on H200), stored to the workspace [S, Hq, n_max].
+  K1 scores (kernels/scores.py), grid (S, Hk, P), P <= ceil(n_max / CHUNK) programs per
+     pair looping over chunks: the block scores u of the summary kind (mean / attn_pool:
+     scale * q_h . kbar_c; minmax: Quest's bound) for the G heads of the KV head over CHUNK
+     blocks at a time with ``tl.dot`` (fp32 inputs, "tf32x3" precision), stored to the
+     workspace [S, Hq, n_max].
   K2 threshold, grid (S, Hq), one program per query head, its row in registers when the
      capacity fits ``_RESIDENT_MAX`` blocks, else passes over tiles in global memory (L1/L2);
      the bodies and their arguments are in kernels/entmax.py: z (score_scale * u, or
@@ -56,6 +56,7 @@ from .checks import check_call, check_heads, check_output, check_select
 from .entmax import (ENTMAX_ITERS, _cap_keep, _kth_largest, _kth_largest_tiled, _skey,
                      _threshold_resident, _threshold_tiled)
 from .params import DashParams
+from .scores import SCORE_CHUNK, _active, launch_scores
 
 __all__ = ["ENTMAX_ITERS", "SelectWorkspace", "select_blocks_paged"]
 
@@ -65,19 +66,10 @@ _BISECT_STEPS = 32          # exact k-th largest over the 2^32 int32 keys
 _RESIDENT_MAX = 8192
 _FALLBACK_TILE = 2048
 _RADIX_BITS = 4            # bits per round of the register-resident k-th largest
-_SCORE_CHUNK = 64           # blocks per K1 iteration (the dot tile is [D, CHUNK] fp32)
-_K1_PROGRAMS_PER_SM = 8     # K1 grid size: see _score_programs
 _TINY = float(torch.finfo(torch.float32).tiny)
 
 
 # ---- kernel helpers --------------------------------------------------------------------
-@triton.jit
-def _active(lens_ptr, s, block_size, dense_below):
-    L = tl.maximum(tl.load(lens_ptr + s).to(tl.int32), 0)
-    n = (L + block_size - 1) // block_size
-    return n, (L >= dense_below) & (n > 0)
-
-
 @triton.jit
 def _emit(c, cm, fl, keep, pbar, pnorm, pos0, bt_row, stride_btb, ids_row, stride_ib, lp_row,
           stride_lb, PRIOR_MAX: tl.constexpr, TINY: tl.constexpr):
@@ -95,40 +87,6 @@ def _emit(c, cm, fl, keep, pbar, pnorm, pos0, bt_row, stride_btb, ids_row, strid
     tl.store(ids_row + pos * stride_ib, pid.to(tl.int32), mask=keep)
     tl.store(lp_row + pos * stride_lb, logp, mask=keep)
     return pos0 + tl.sum(kint, 0)
-
-
-# ---- K1: scores, grid (S, Hk, chunks) --------------------------------------------------
-@triton.jit
-def _scores_kernel(
-    q_ptr, summ_ptr, bt_ptr, lens_ptr, u_ptr,
-    stride_qs, stride_qh, stride_qd, stride_sb, stride_sh, stride_sd, stride_bts, stride_btb,
-    stride_us, stride_uh,
-    scale, block_size, dense_below, nprog,
-    G: tl.constexpr, G_DOT: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
-    CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    # program j of a (sequence, KV head) scores chunks j, j + nprog, ...
-    s = tl.program_id(0)
-    kvh = tl.program_id(1)
-    first = tl.program_id(2) * CHUNK
-    n, active = _active(lens_ptr, s, block_size, dense_below)
-    if active & (first < n):
-        gd = tl.arange(0, G_DOT)
-        d = tl.arange(0, D_P2)
-        qv = tl.load(q_ptr + s.to(tl.int64) * stride_qs + (kvh * G + gd)[:, None] * stride_qh
-                     + d[None, :] * stride_qd,
-                     mask=(gd < G)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-        for start in range(first, n, nprog * CHUNK):
-            c = start + tl.arange(0, CHUNK)
-            cm = c < n
-            pid = tl.load(bt_ptr + s.to(tl.int64) * stride_bts + c * stride_btb, mask=cm,
-                          other=0).to(tl.int64)
-            kT = tl.load(summ_ptr + pid[None, :] * stride_sb + kvh * stride_sh
-                         + d[:, None] * stride_sd, mask=cm[None, :] & (d < D)[:, None],
-                         other=0.0).to(tl.float32)                     # [D, CHUNK]
-            u = tl.dot(qv, kT, input_precision=DOT_PRECISION) * scale   # [G_DOT, CHUNK]
-            tl.store(u_ptr + s.to(tl.int64) * stride_us + (kvh * G + gd)[:, None] * stride_uh
-                     + c[None, :], u, mask=(gd < G)[:, None] & cm[None, :])
 
 
 # ---- K2: per query head z, entmax threshold, p, floor flags; grid (S, Hq) --------------
@@ -392,19 +350,6 @@ class SelectWorkspace:
                 and max_blocks_per_seq <= self.max_blocks_per_seq)
 
 
-def _score_programs(chunks: int, pairs: int, device) -> int:
-    """K1 programs per (sequence, KV head), from shapes only (fixed under CUDA graphs):
-    about ``_K1_PROGRAMS_PER_SM`` programs per SM in all, each looping over every
-    ``nprog``-th chunk. A grid of one program per chunk of the capacity (thousands of
-    programs at batch 8 with a 128K capacity) costs microseconds per layer even when every
-    program exits at once (sequences below dense_below). On CPU (the interpreter): at most
-    2, so the tests run the loop."""
-    if device.type != "cuda":
-        return max(1, min(chunks, 2))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(chunks, -(-_K1_PROGRAMS_PER_SM * sms // max(1, pairs))))
-
-
 def _launch_plan(nmax: int, G: int, tile: Optional[int]):
     """Launch geometry from shapes only (fixed under CUDA graphs): ``(resident, row_block,
     chunk1, chunk3, row_warps)``: whether K2 / K3b keep a row in registers, their tile (the
@@ -415,7 +360,7 @@ def _launch_plan(nmax: int, G: int, tile: Optional[int]):
         row_block = n_p2                       # the whole row in registers
     else:
         row_block = tile if tile is not None else min(n_p2, _FALLBACK_TILE)
-    chunk1 = min(_SCORE_CHUNK, n_p2) if tile is None else min(_SCORE_CHUNK, tile)
+    chunk1 = min(SCORE_CHUNK, n_p2) if tile is None else min(SCORE_CHUNK, tile)
     G_P2 = max(2, triton.next_power_of_2(G))
     chunk3 = max(16, min(n_p2, 2048 // G_P2)) if tile is None else tile
     return resident, row_block, chunk1, chunk3, min(16, max(4, row_block // 512))
@@ -439,7 +384,8 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
     """Stage 1 on the paged layout: fill the preallocated compacted selection outputs.
 
     q              [S, Hq, D] fp16/bf16/fp32 decode queries (one per sequence)
-    summaries      fp32 [num_blocks, Hk, D] block summaries by physical block id
+    summaries      fp32 [num_blocks, Hk, Ds] block summaries of kind ``params.summary`` by
+                   physical block id (Ds = params.summary_dim(params.summary, D))
     block_table    int [S, max_blocks_per_seq] physical block ids (entries past a
                    sequence's blocks are never read)
     seq_lens       int [S] context lengths (the query's own token included); a length <= 0
@@ -462,8 +408,6 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
     """
     check_call(params, block_size, scale)
     S, Hq, D, Hk, G, nmax = check_select(q, summaries, block_table, seq_lens, params.summary)
-    if params.summary == "minmax":      # K1's minmax scores: the next commit
-        raise NotImplementedError("select_blocks_paged: summary='minmax' is not in the kernel yet")
     check_output("out_block_ids", out_block_ids, torch.int32, S, Hk, nmax)
     check_output("out_log_prior", out_log_prior, torch.float32, S, Hk, nmax)
     check_output("out_counts", out_counts, torch.int32, S, Hk, None)
@@ -487,15 +431,8 @@ def select_blocks_paged(*, q: torch.Tensor, summaries: torch.Tensor, block_table
     alpha, dense_below = float(params.alpha), params.dense_below
     has_min, has_cap = params.min_blocks > 0, params.max_blocks is not None
     u, p, fl, gw = workspace.scores, workspace.probs, workspace.floor, workspace.group
-    nprog1 = _score_programs(triton.cdiv(nmax, chunk1), S * Hk, q.device)
-    _scores_kernel[(S, Hk, nprog1)](
-        q, summaries, block_table, seq_lens, u,
-        *q.stride(), *summaries.stride(), *block_table.stride(), u.stride(0), u.stride(1),
-        scale, block_size, dense_below, nprog1,
-        G=G, G_DOT=max(16, triton.next_power_of_2(G)), D=D,
-        D_P2=max(16, triton.next_power_of_2(D)), CHUNK=chunk1, DOT_PRECISION="tf32x3",
-        num_warps=4,
-    )
+    launch_scores(q, summaries, block_table, seq_lens, u, scale=scale, block_size=block_size,
+                  dense_below=dense_below, chunk=chunk1, minmax=params.summary == "minmax")
     _threshold_kernel[(S, Hq)](
         u, p, fl, seq_lens,
         u.stride(0), u.stride(1), p.stride(0), p.stride(1), fl.stride(0), fl.stride(1),

@@ -1,10 +1,15 @@
 """Fused paged K/V cache write + block summary update (docs/design.md §4.1), one kernel launch.
 
 ``write_kv_and_summaries`` stores this step's keys and values into vLLM's paged cache and
-makes the summary of every block it touched equal to the mean of the keys in the block's
+makes the summary of every block it touched equal to the summary of the keys in the block's
 slots ``[0, fill)``, ``fill`` = (largest offset written to the block this step) + 1. The
-summary is the fp32 mean of the keys *as stored in the cache* (rounded to the cache dtype),
-i.e. exactly what :func:`reference.block_summaries_paged` computes from the cache.
+summary kind (a constexpr: one compiled kernel per kind, one launch per step) is "mean",
+"minmax" (per-channel min, then max: 2D floats) or "attn_pool" (the keys pooled with
+softmax_t(pool[h] . k_t / sqrt(D)) over the slots [0, fill)); see reference_summaries.py.
+Every kind is computed in fp32 from the keys *as stored in the cache* (rounded to the cache
+dtype), i.e. exactly what :func:`reference.block_summaries_paged` computes from the cache.
+Each kind is a function of the whole slot range [0, fill), recomputed from it (never an
+incremental update of the old summary), so the argument below holds for all three alike.
 
 Race freedom inside one launch. Grid (token, KV head). Every program writes its own token's
 K/V slot. The program that owns the LAST token a block receives in this step (its next
@@ -28,25 +33,55 @@ Padding slots (-1) are skipped.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from .checks import check_write
+from .params import SUMMARY_KINDS
 
 __all__ = ["write_kv_and_summaries"]
 
 
 @triton.jit
+def _store_summary(kb, valid, fill, pool_ptr, stride_ph, stride_pd, out_ptr, stride_sd, h, d,
+                   dmask, inv_sqrt_d, D: tl.constexpr, KIND: tl.constexpr):
+    """The summary of one block's keys ``kb`` fp32 [BLOCK_SIZE, D_P2] (zero outside the
+    ``valid`` slots [0, fill) and past D), stored at ``out_ptr``: KIND 0 mean, 1 minmax
+    (min at [0, D), max at [D, 2D)), 2 attn_pool (softmax of pool[h] . k / sqrt(D))."""
+    if KIND == 0:
+        mean = tl.sum(kb, axis=0) / fill.to(tl.float32)
+        tl.store(out_ptr + d * stride_sd, mean, mask=dmask)
+    elif KIND == 1:
+        mn = tl.min(tl.where(valid[:, None], kb, float("inf")), axis=0)
+        mx = tl.max(tl.where(valid[:, None], kb, float("-inf")), axis=0)
+        tl.store(out_ptr + d * stride_sd, mn, mask=dmask)
+        tl.store(out_ptr + (D + d) * stride_sd, mx, mask=dmask)
+    else:
+        w = tl.load(pool_ptr + h * stride_ph + d * stride_pd, mask=dmask, other=0.0)
+        logit = tl.sum(kb * w[None, :], axis=1) * inv_sqrt_d           # [BLOCK_SIZE]
+        logit = tl.where(valid, logit, float("-inf"))
+        e = tl.where(valid, tl.exp(logit - tl.max(logit, axis=0)), 0.0)
+        pooled = tl.sum(kb * e[:, None], axis=0) / tl.sum(e, axis=0)
+        tl.store(out_ptr + d * stride_sd, pooled, mask=dmask)
+
+
+_KIND = {kind: i for i, kind in enumerate(SUMMARY_KINDS)}     # mean 0, minmax 1, attn_pool 2
+
+
+@triton.jit
 def _write_kv_and_summaries_kernel(
-    key_ptr, value_ptr, kc_ptr, vc_ptr, sum_ptr, slot_ptr,
-    num_tokens,
+    key_ptr, value_ptr, kc_ptr, vc_ptr, sum_ptr, slot_ptr, pool_ptr,
+    num_tokens, inv_sqrt_d,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     stride_kcb, stride_kcs, stride_kch, stride_kcd,
     stride_vcb, stride_vcs, stride_vch, stride_vcd,
-    stride_sb, stride_sh, stride_sd,
-    BLOCK_SIZE: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr,
+    stride_sb, stride_sh, stride_sd, stride_ph, stride_pd,
+    BLOCK_SIZE: tl.constexpr, D: tl.constexpr, D_P2: tl.constexpr, KIND: tl.constexpr,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1)
@@ -88,35 +123,41 @@ def _write_kv_and_summaries_kernel(
                             + d[None, :] * stride_kd, mask=new[:, None] & dmask[None, :],
                             other=0.0)
             k_new = k_new.to(cache_ty).to(tl.float32)   # the value the cache holds
-            mean = tl.sum(k_old + k_new, axis=0) / fill.to(tl.float32)
-            tl.store(sum_ptr + blk * stride_sb + h * stride_sh + d * stride_sd, mean, mask=dmask)
+            _store_summary(k_old + k_new, o < fill, fill, pool_ptr, stride_ph, stride_pd,
+                           sum_ptr + blk * stride_sb + h * stride_sh, stride_sd, h, d, dmask,
+                           inv_sqrt_d, D, KIND)
 
 
 def write_kv_and_summaries(*, key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                            value_cache: torch.Tensor, summaries: torch.Tensor,
-                           slot_mapping: torch.Tensor) -> None:
+                           slot_mapping: torch.Tensor, summary: str = "mean",
+                           pool: Optional[torch.Tensor] = None) -> None:
     """Write this step's K/V into the paged cache and update the touched blocks' summaries.
 
     key, value     [T, Hk, D] (any float dtype; converted to the cache dtype)
     key_cache,     [num_blocks, B, Hk, D] indexed through strides (vLLM's NHD layout, or a
     value_cache    head-major [num_blocks, Hk, B, D] cache passed as ``.transpose(1, 2)``)
-    summaries      fp32 [num_blocks, Hk, D], by physical block id (updated in place)
+    summaries      fp32 [num_blocks, Hk, Ds], by physical block id (updated in place);
+                   Ds = params.summary_dim(summary, D)
     slot_mapping   int [T]: slot = block * B + offset, -1 = padding (skipped). Tokens of one
                    block must be contiguous and increasing within the step (vLLM's layout).
+    summary        "mean" | "minmax" | "attn_pool" (params.SUMMARY_KINDS; module docstring)
+    pool           fp32 [Hk, D]: the layer's pooling vectors, "attn_pool" only (required)
 
     One launch, grid (T, Hk); no host sync, no allocation (CUDA-graph capturable).
     """
-    check_write(key, value, key_cache, value_cache, summaries, slot_mapping)
+    check_write(key, value, key_cache, value_cache, summaries, slot_mapping, summary, pool)
     T = key.shape[0]
     if T == 0:
         return
     nb, B, Hk, D = key_cache.shape
+    pool_t = summaries if pool is None else pool        # never read unless attn_pool
     _write_kv_and_summaries_kernel[(T, Hk)](
-        key, value, key_cache, value_cache, summaries, slot_mapping,
-        T,
+        key, value, key_cache, value_cache, summaries, slot_mapping, pool_t,
+        T, 1.0 / math.sqrt(D),
         *key.stride(), *value.stride(),
         *key_cache.stride(), *value_cache.stride(),
-        *summaries.stride(),
-        BLOCK_SIZE=B, D=D, D_P2=triton.next_power_of_2(D),
+        *summaries.stride(), pool_t.stride(0), pool_t.stride(1),
+        BLOCK_SIZE=B, D=D, D_P2=triton.next_power_of_2(D), KIND=_KIND[summary],
         num_warps=4 if B * D >= 4096 else 2,
     )

@@ -27,3 +27,25 @@ def test_bench_kernels_smoke(tmp_path):
     assert 0 < rows["dash+select@0.5"]["density"] <= 1.0
     assert rows["fa3-paged"]["status"].startswith("unavailable")
     assert data["meta"]["commit"] and data["meta"]["vllm_dash"]
+
+
+def test_bench_kernels_write_smoke(tmp_path):
+    """--write: one decode and one prefill row per summary kind, each with its ratio to
+    mean (CPU interpreter, tiny shapes)."""
+    out = tmp_path / "write.json"
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_kernels.py"), "--write",
+         "--contexts", "100", "--batches", "2", "--heads", "4/2", "--head-size", "32",
+         "--block-size", "16", "--write-chunk", "24", "--warmup", "1", "--rep", "1",
+         "--out", str(out)],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=900,
+        env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    for kind in ("mean", "minmax", "attn_pool"):
+        for phase, tokens in (("decode", 2), ("prefill", 24)):
+            row = rows[f"write-{kind}-{phase}"]
+            assert row["status"] == "ok" and row["latency_us"] > 0 and row["vs_mean"] > 0
+            assert row["tokens"] == tokens
+    assert rows["write-mean-decode"]["vs_mean"] == 1.0
+    assert "vs mean" in r.stdout

@@ -1,7 +1,8 @@
 """kernels/summaries.py (fused cache write + block summaries) vs its twin
 reference.write_kv_and_summaries and reference.block_summaries_paged, on the CPU under the
 Triton interpreter (small shapes) and on a GPU (the same small cases, plus real shapes: D=128,
-8 KV heads, 32K contexts, fp16/bf16, and CUDA-graph capture and replay).
+8 KV heads, 32K contexts, fp16/bf16, and CUDA-graph capture and replay), for every summary
+kind (mean, minmax, attn_pool; the kinds' own properties: test_summary_kinds.py).
 
 Scenarios follow vLLM's use: prefill of ragged sequences (several blocks per sequence, the
 last one partial), chunked prefill, decode steps appending one token per sequence, padding
@@ -15,18 +16,29 @@ import torch
 
 from kernel_helpers import DEVICES, INTERPRETER_WARNINGS, generator, on_devices
 from vllm_dash.kernels import reference as ref
+from vllm_dash.kernels.params import SUMMARY_KINDS, summary_dim
 from vllm_dash.kernels.summaries import write_kv_and_summaries
 
 pytestmark = INTERPRETER_WARNINGS
+KINDS = list(SUMMARY_KINDS)
+
+
+def make_pool(summary, Hk, D, g, device):
+    """Pooling vectors for attn_pool (scaled so the softmax is far from uniform), else None."""
+    if summary != "attn_pool":
+        return None
+    return torch.randn(Hk, D, generator=g, device=device) * 2.0
 
 
 class PagedState:
     """A paged cache + summaries pair, written by the kernel and by the torch twin side by
     side; ``tables``/``lens`` track what each sequence holds (for block_summaries_paged)."""
 
-    def __init__(self, num_blocks, B, Hk, D, dtype, head_major=False, seed=0, device="cpu"):
+    def __init__(self, num_blocks, B, Hk, D, dtype, head_major=False, seed=0, device="cpu",
+                 summary="mean"):
         g = generator(device, seed)
         self.B, self.Hk, self.D, self.dtype, self.device = B, Hk, D, dtype, device
+        self.kind = dict(summary=summary, pool=make_pool(summary, Hk, D, g, device))
         # stale garbage everywhere: nothing may read a slot that was not written
         shape = (num_blocks, Hk, B, D) if head_major else (num_blocks, B, Hk, D)
         base = [torch.randn(shape, generator=g, device=device).to(dtype) * 7 + 3
@@ -35,7 +47,8 @@ class PagedState:
             base = [b.transpose(1, 2) for b in base]          # [num_blocks, B, Hk, D] views
         self.kc, self.vc = base
         self.kc_t, self.vc_t = [b.clone() for b in base]
-        self.summ = torch.randn(num_blocks, Hk, D, generator=g, device=device) * 5   # stale
+        self.summ = torch.randn(num_blocks, Hk, summary_dim(summary, D), generator=g,
+                                device=device) * 5                          # stale
         self.summ_t = self.summ.clone()
         self.g = g
 
@@ -48,12 +61,21 @@ class PagedState:
         key = self.randn(T, self.Hk, self.D).to(kd)
         value = self.randn(T, self.Hk, self.D).to(kd)
         sm = torch.tensor(slots, dtype=torch.int64, device=self.device)
-        write_kv_and_summaries(key=key, value=value, key_cache=self.kc, value_cache=self.vc,
-                               summaries=self.summ, slot_mapping=sm)
+        self.write(key, value, sm)
         ref.write_kv_and_summaries(key=key, value=value, key_cache=self.kc_t,
                                    value_cache=self.vc_t, summaries=self.summ_t,
-                                   slot_mapping=sm)
+                                   slot_mapping=sm, **self.kind)
         return key, value, sm
+
+    def write(self, key, value, sm):
+        """The kernel alone on this state's cache and summaries."""
+        write_kv_and_summaries(key=key, value=value, key_cache=self.kc, value_cache=self.vc,
+                               summaries=self.summ, slot_mapping=sm, **self.kind)
+
+    def expect(self, keys):
+        """The summary of a block holding ``keys`` [n, Hk, D] (the twin's definition)."""
+        present = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)
+        return ref.summarize_blocks(keys, present, **self.kind)
 
     def check(self, touched_blocks=None):
         torch.testing.assert_close(self.kc, self.kc_t, rtol=0, atol=0)
@@ -63,7 +85,8 @@ class PagedState:
     def check_reference(self, tables, lens, blocks):
         """Summaries of ``blocks`` equal reference.block_summaries_paged on the whole cache."""
         bt = torch.tensor(tables, dtype=torch.int32, device=self.device)
-        expect = ref.block_summaries_paged(self.kc, bt, torch.tensor(lens, device=self.device))
+        expect = ref.block_summaries_paged(self.kc, bt, torch.tensor(lens, device=self.device),
+                                           **self.kind)
         idx = torch.tensor(sorted(blocks), device=self.device)
         torch.testing.assert_close(self.summ[idx], expect[idx], rtol=1e-5, atol=1e-5)
 
@@ -73,18 +96,23 @@ def _prefill_slots(table, start, stop, B):
     return [table[p // B] * B + p % B for p in range(start, stop)]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("B,Hk,D,dtype,head_major", [
+SHAPES = [
     (16, 2, 32, torch.float32, False),
     (16, 1, 64, torch.bfloat16, True),
     (64, 2, 64, torch.float32, True),
     (64, 1, 32, torch.bfloat16, False),
     (16, 2, 80, torch.float32, False),          # head dim not a power of two
-])
-def test_prefill_then_decode(device, B, Hk, D, dtype, head_major):
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("summary,B,Hk,D,dtype,head_major",
+                         [("mean", *c) for c in SHAPES]
+                         + [(k, *SHAPES[i]) for k in KINDS[1:] for i in (1, 4)])
+def test_prefill_then_decode(device, summary, B, Hk, D, dtype, head_major):
     num_blocks = 24
     st = PagedState(num_blocks, B, Hk, D, dtype, head_major=head_major, seed=B + D,
-                    device=device)
+                    device=device, summary=summary)
     # ragged lengths: partial single block, exactly one block, multiple of B, ragged multi
     lens = [B // 2 - 1, B, 2 * B, 2 * B + 3]
     # the blocks the decode steps append to are distinct (a step never writes one slot
@@ -116,11 +144,12 @@ def test_prefill_then_decode(device, B, Hk, D, dtype, head_major):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_chunked_prefill_continues_partial_block(device):
+@pytest.mark.parametrize("summary", KINDS)
+def test_chunked_prefill_continues_partial_block(device, summary):
     """A second prefill chunk starting mid-block keeps the first chunk's keys (read from the
     cache) and adds the new ones (read from ``key``)."""
     B, Hk, D = 16, 2, 32
-    st = PagedState(8, B, Hk, D, torch.float32, seed=3, device=device)
+    st = PagedState(8, B, Hk, D, torch.float32, seed=3, device=device, summary=summary)
     tab = [4, 1, 6]
     st.step(_prefill_slots(tab, 0, 21, B))                 # block 4 full, block 1 fill 5
     st.check()
@@ -136,11 +165,12 @@ def test_chunked_prefill_continues_partial_block(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_prefix_shared_blocks_untouched(device):
+@pytest.mark.parametrize("summary", KINDS)
+def test_prefix_shared_blocks_untouched(device, summary):
     """Two sequences share full blocks 2 and 5 through their block tables (prefix caching):
     only their private blocks are in slot_mapping; the shared summaries stay as computed."""
     B, Hk, D = 16, 2, 32
-    st = PagedState(10, B, Hk, D, torch.float32, seed=4, device=device)
+    st = PagedState(10, B, Hk, D, torch.float32, seed=4, device=device, summary=summary)
     shared = [2, 5]
     st.step(_prefill_slots(shared + [7], 0, 2 * B + 4, B))   # first sequence: 36 tokens
     st.check()
@@ -157,12 +187,13 @@ def test_prefix_shared_blocks_untouched(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("B", [16, 64])
-def test_block_reuse_matches_fresh(device, B):
+@pytest.mark.parametrize("summary,B", [("mean", 16), ("mean", 64), ("minmax", 64),
+                                       ("attn_pool", 64)])
+def test_block_reuse_matches_fresh(device, summary, B):
     """A freed, full block rewritten from offset 0 with new (fewer) tokens must give the
     summary of the new tokens only, equal to writing them into a never-used block."""
     Hk, D = 2, 32
-    st = PagedState(6, B, Hk, D, torch.float32, seed=B, device=device)
+    st = PagedState(6, B, Hk, D, torch.float32, seed=B, device=device, summary=summary)
     st.step(_prefill_slots([3], 0, B, B))                  # block 3 full
     st.check()
     g = generator(device, 11)
@@ -170,20 +201,19 @@ def test_block_reuse_matches_fresh(device, B):
     key = torch.randn(n_new, Hk, D, generator=g, device=device)
     value = torch.randn(n_new, Hk, D, generator=g, device=device)
     sm = torch.tensor(_prefill_slots([3], 0, n_new, B), device=device)   # reuse block 3
-    write_kv_and_summaries(key=key, value=value, key_cache=st.kc, value_cache=st.vc,
-                           summaries=st.summ, slot_mapping=sm)
-    expect = key.float().mean(0)
-    torch.testing.assert_close(st.summ[3], expect, rtol=1e-5, atol=1e-6)
+    st.write(key, value, sm)
+    torch.testing.assert_close(st.summ[3], st.expect(key), rtol=1e-5, atol=1e-6)
     # fresh block (never written) with the same tokens gives the same summary
     sm_fresh = torch.tensor(_prefill_slots([5], 0, n_new, B), device=device)
-    write_kv_and_summaries(key=key, value=value, key_cache=st.kc, value_cache=st.vc,
-                           summaries=st.summ, slot_mapping=sm_fresh)
+    st.write(key, value, sm_fresh)
     torch.testing.assert_close(st.summ[3], st.summ[5], rtol=0, atol=0)
-    # decode-style reuse: a single token at offset 0 of a freed block
+    # decode-style reuse: a single token at offset 0 of a freed block: every kind of one
+    # key is the key itself (minmax: twice)
     sm1 = torch.tensor([3 * B], device=device)
-    write_kv_and_summaries(key=key[:1], value=value[:1], key_cache=st.kc, value_cache=st.vc,
-                           summaries=st.summ, slot_mapping=sm1)
-    torch.testing.assert_close(st.summ[3], key[0].float(), rtol=0, atol=0)
+    st.write(key[:1], value[:1], sm1)
+    one = key[0].float()
+    torch.testing.assert_close(st.summ[3], torch.cat([one, one], -1) if summary == "minmax"
+                               else one, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -235,9 +265,12 @@ def test_argument_errors(device):
 # chunked prefill and decode steps over whole sequences (real shapes on the GPU)
 # --------------------------------------------------------------------------------------
 STEPS_SMALL = [dict(B=16, Hk=2, D=32, dtype=torch.bfloat16, head_major=True,
-                    lens=[2 * 16 + 5, 7, 3 * 16])]
-STEPS_REAL = [dict(B=B, Hk=8, D=128, dtype=dt, head_major=hm, lens=[32 * 1024 + 17, 5000, 6400])
-              for B, dt, hm in [(64, torch.float16, False), (16, torch.bfloat16, True)]]
+                    lens=[2 * 16 + 5, 7, 3 * 16], summary=k) for k in ("mean", "attn_pool")]
+STEPS_REAL = [dict(B=B, Hk=8, D=D, dtype=dt, head_major=hm, lens=[32 * 1024 + 17, 5000, 6400],
+                   summary=k)
+              for B, D, dt, hm in [(64, 128, torch.float16, False), (16, 128, torch.bfloat16, True),
+                                   (64, 64, torch.bfloat16, True)]
+              for k in KINDS]
 
 
 @pytest.mark.parametrize("device,case", on_devices(cpu=STEPS_SMALL, cuda=STEPS_REAL))
@@ -251,13 +284,15 @@ def test_chunked_prefill_then_decode_steps(device, case):
     nmax = max(n) + 4
     num_blocks = sum(nmax for _ in lens) + 8
     g = generator(device, B)
+    kind = dict(summary=case["summary"], pool=make_pool(case["summary"], Hk, D, g, device))
+    Ds = summary_dim(case["summary"], D)
     shape = (num_blocks, Hk, B, D) if case["head_major"] else (num_blocks, B, Hk, D)
     kc = torch.randn(shape, generator=g, device=device).to(dtype)
     vc = torch.randn(shape, generator=g, device=device).to(dtype)
     if case["head_major"]:
         kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)
     kc_t, vc_t = kc.clone(), vc.clone()
-    summ = torch.randn(num_blocks, Hk, D, device=device)
+    summ = torch.randn(num_blocks, Hk, Ds, device=device)
     summ_t = summ.clone()
     perm = torch.randperm(num_blocks, generator=g, device=device)[: len(lens) * nmax]
     bt = perm.view(len(lens), nmax).to(torch.int32)
@@ -272,9 +307,9 @@ def test_chunked_prefill_then_decode_steps(device, case):
         key = torch.randn(T, Hk, D, generator=g, device=device).to(dtype)
         val = torch.randn(T, Hk, D, generator=g, device=device).to(dtype)
         write_kv_and_summaries(key=key, value=val, key_cache=kc, value_cache=vc,
-                               summaries=summ, slot_mapping=sm)
+                               summaries=summ, slot_mapping=sm, **kind)
         ref.write_kv_and_summaries(key=key, value=val, key_cache=kc_t, value_cache=vc_t,
-                                   summaries=summ_t, slot_mapping=sm)
+                                   summaries=summ_t, slot_mapping=sm, **kind)
         assert torch.equal(kc, kc_t) and torch.equal(vc, vc_t)
         torch.testing.assert_close(summ, summ_t, rtol=1e-5, atol=1e-5)
 
@@ -285,7 +320,7 @@ def test_chunked_prefill_then_decode_steps(device, case):
     for _ in range(3):                                  # decode steps
         step([slots_for(s, L, L + 1) for s, L in enumerate(cur)] + [pad[:1]])
         cur = [L + 1 for L in cur]
-    expect = ref.block_summaries_paged(kc, bt, torch.tensor(cur, device=device))
+    expect = ref.block_summaries_paged(kc, bt, torch.tensor(cur, device=device), **kind)
     used = torch.cat([bt[s, : -(-L // B)] for s, L in enumerate(cur)]).long()
     torch.testing.assert_close(summ[used], expect[used], rtol=1e-5, atol=1e-5)
 
@@ -294,13 +329,15 @@ def test_chunked_prefill_then_decode_steps(device, case):
 # CUDA graphs (GPU only)
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_cuda_graph_capture_and_replay(device):
+@pytest.mark.parametrize("summary", KINDS)
+def test_cuda_graph_capture_and_replay(device, summary):
     """Capture one decode-step write at fixed capacity; replay after changing keys, values
     and slots in place (padding slots included); each replay equals the twin."""
     Hk, D, B, nb = 8, 128, 64, 64
+    kind = dict(summary=summary, pool=make_pool(summary, Hk, D, generator(device, 0), device))
     kc = torch.randn(nb, B, Hk, D, device=device).half()
     vc = torch.randn(nb, B, Hk, D, device=device).half()
-    summ = torch.zeros(nb, Hk, D, device=device)
+    summ = torch.zeros(nb, Hk, summary_dim(summary, D), device=device)
     T = 16
     key = torch.zeros(T, Hk, D, device=device).half()
     val = torch.zeros_like(key)
@@ -308,7 +345,7 @@ def test_cuda_graph_capture_and_replay(device):
 
     def call():
         write_kv_and_summaries(key=key, value=val, key_cache=kc, value_cache=vc,
-                               summaries=summ, slot_mapping=sm)
+                               summaries=summ, slot_mapping=sm, **kind)
 
     call()
     torch.cuda.synchronize()
@@ -324,7 +361,7 @@ def test_cuda_graph_capture_and_replay(device):
         sm.copy_(slots)
         graph.replay()
         ref.write_kv_and_summaries(key=key, value=val, key_cache=kc_t, value_cache=vc_t,
-                                   summaries=summ_t, slot_mapping=sm)
+                                   summaries=summ_t, slot_mapping=sm, **kind)
         torch.cuda.synchronize()
         assert torch.equal(kc, kc_t)
         torch.testing.assert_close(summ, summ_t, rtol=1e-5, atol=1e-5)
