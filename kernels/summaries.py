@@ -28,7 +28,10 @@ Why this is right under
   * block reuse: a freed block handed to another sequence is written from offset 0, so
     ``first == 0`` and the summary is computed from this step's keys only; old content in
     slots ``>= fill`` is never read (and a later step appends from ``fill`` on, reading
-    slots ``[0, fill)`` that this and later steps wrote).
+    slots ``[0, fill)`` that this and later steps wrote);
+  * every kind: slots ``>= fill`` are never loaded (masked loads), and minmax / attn_pool
+    mask them out of the reductions (+-inf, a -inf logit), so stale content of any value
+    never reaches a summary. ``pool`` is read only (a per-layer constant).
 Padding slots (-1) are skipped.
 """
 from __future__ import annotations
