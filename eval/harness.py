@@ -306,6 +306,7 @@ def _write_report(args, tasks, samples, runs, recall, methods, info, device, max
 
 def summary_file_info(path: str) -> dict:
     """The summary file's path, size and metadata (what distill recorded), when readable."""
+    path = os.path.abspath(path)
     out: dict = {"path": path, "exists": os.path.exists(path)}
     if out["exists"]:
         out["bytes"] = os.path.getsize(path)

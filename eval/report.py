@@ -304,9 +304,9 @@ def pareto_png(comparison: Sequence[dict], path: str, title: str) -> str:
                    ylabel=ylabel, ylim=(-2, 102))
             ax.title.set_fontsize(8)
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=6, loc="lower left", ncol=2)
-    if with_recall:
-        axes[1][-1].legend(fontsize=6, loc="lower left", ncol=2)
+    for ax in (axes[0][-1], axes[1][-1]) if with_recall else (axes[0][-1],):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="lower left", ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -152,7 +152,7 @@ def _best_kind_8k(comparison, tol: float = 0.05) -> dict:
     ref = _row(comparison, TODAY_DEFAULT, L)
     if ref is None or ref["accuracy_solved"] is None or ref["density"] is None:
         return _result("best_kind_vs_default_8k", text, False, {}, f"no data: no "
-                       f"{TODAY_DEFAULT} row at {L}")
+                       f"{TODAY_DEFAULT} accuracy at {L} (not run, or no task dense solves)")
     per_kind = {}
     for kind in M.SUMMARY_KINDS:
         rows = [c for c in _dash_rows(comparison, kind, L) if c["accuracy_solved"] is not None
@@ -186,7 +186,8 @@ def _near_dense_8k(comparison) -> dict:
     L = _long(comparison)
     dense = next((c for c in comparison if c["family"] == "dense" and c["length"] == L), None)
     if dense is None or dense["accuracy_solved"] is None:
-        return _result("near_dense_8k", text, False, {}, f"no data: no dense row at {L}")
+        return _result("near_dense_8k", text, False, {}, f"no data: no dense accuracy at {L} "
+                       "(not run, or no task dense solves)")
     need = dense["accuracy_solved"] - 0.02
     curve = sorted((c["density"], c["accuracy_solved"]) for c in comparison
                    if c["length"] == L and c["family"] in (M.topk_family("mean"), "dense")
@@ -205,8 +206,8 @@ def _near_dense_8k(comparison) -> dict:
 
 
 def _recall_8k(comparison, choice: Optional[dict]) -> dict:
-    text = ("attention recall of the shipped default at 8K (10% density) within 2 points of "
-            "the oracle at the same density")
+    text = ("attention recall of the shipped default at 8K (at <= ~10% density) within 2 "
+            "points of the oracle at the same density")
     L = _long(comparison)
     chosen = (choice or {}).get("chosen")
     name = chosen["method"] if chosen else TODAY_DEFAULT
@@ -222,10 +223,11 @@ def _recall_8k(comparison, choice: Optional[dict]) -> dict:
                        f"no data: no recall row for {name} at {L}")
     gap = row["oracle_recall"] - row["recall"]
     d = row["recall_density"]
-    note = "" if d is not None and abs(d - SPARSE_DENSITY) <= 0.03 else (
-        f"the default's recall density is {d}, not ~{SPARSE_DENSITY}: near_10pct lists the "
-        "DASH runs near 10%")
-    return _result("default_recall_8k", text, gap <= 0.02,
+    sparse = d is not None and d <= SPARSE_DENSITY + 0.03       # at 10% or sparser
+    note = "" if sparse else (
+        f"the default's recall density {d:.3f} is above ~{SPARSE_DENSITY}: a gap measured "
+        "there does not count; near_10pct lists the DASH runs near 10%")
+    return _result("default_recall_8k", text, gap <= 0.02 and sparse,
                    {"method": name, "length": L, "density": d, "recall": row["recall"],
                     "oracle": row["oracle_recall"], "gap": gap, "near_10pct": near}, note)
 

@@ -240,6 +240,10 @@ def test_targets_pass_and_fail_with_numbers():
     comp2 = er.compare(_kind_rows(), 0.8, recall=bad)
     assert not {x["id"]: x for x in er.check_targets(comp2, [], choice)}[
         "default_recall_8k"]["pass"]
+    dense_rec = [dict(r, density=0.5) for r in _recall_rows()]     # a small gap, too dense
+    rec2 = {x["id"]: x for x in er.check_targets(
+        er.compare(_kind_rows(), 0.8, recall=dense_rec), [], choice)}["default_recall_8k"]
+    assert not rec2["pass"] and "above" in rec2["note"]
     none = {x["id"]: x for x in er.check_targets(er.compare(_kind_rows(), 0.8), [], choice)}
     assert not none["default_recall_8k"]["pass"] and "no data" in none["default_recall_8k"]["note"]
     assert "FAIL near_dense_8k" in er.format_targets(list(t.values()))
