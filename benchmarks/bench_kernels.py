@@ -364,18 +364,18 @@ def parse_args(argv=None):
 
 
 def print_table(rows):
-    hdr = f"{'heads':>6} {'batch':>5} {'context':>8} {'method':<18} {'lat_us':>9} " \
+    hdr = f"{'heads':>6} {'batch':>5} {'context':>8} {'method':<24} {'lat_us':>9} " \
           f"{'MB read':>9} {'TB/s':>6} {'%peak':>6}  status"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         if r.get("status") == "ok":
-            print(f"{r['heads']:>6} {r['batch']:>5} {r['context']:>8} {r['method']:<18} "
+            print(f"{r['heads']:>6} {r['batch']:>5} {r['context']:>8} {r['method']:<24} "
                   f"{r['latency_us']:>9.1f} {r['bytes'] / 1e6:>9.1f} "
                   f"{(r['tb_per_s'] or 0):>6.2f} "
                   f"{(r['pct_peak'] if r['pct_peak'] is not None else float('nan')):>6.1f}  ok")
         else:
-            print(f"{r['heads']:>6} {r['batch']:>5} {r['context']:>8} {r['method']:<18} "
+            print(f"{r['heads']:>6} {r['batch']:>5} {r['context']:>8} {r['method']:<24} "
                   f"{'':>9} {'':>9} {'':>6} {'':>6}  {r.get('status')}")
 
 
@@ -475,7 +475,10 @@ def _write_json(args, rows, name, peak, fa3, fa3_reason, png_status):
     """Rewritten after every configuration, so a run cut short keeps what it measured."""
     meta = dict(gpu=name, hbm_peak_tb_per_s=peak, **common.versions(),
                 fa3="available" if fa3 else fa3_reason, png=png_status,
-                bytes_model="K+V of the attended tokens + q + out (metadata, workspace excluded)",
+                bytes_model=("key/value read and written to the cache + per touched block its "
+                             "keys re-read and its summary written" if args.write else
+                             "K+V of the attended tokens + q + out (metadata, workspace "
+                             "excluded)"),
                 args={k: v for k, v in vars(args).items()})
     common.write_json(args.out, dict(meta=meta, rows=rows))
 
