@@ -226,3 +226,28 @@ def test_select_minmax_kernel_vs_twin(device, case):
         logit = torch.einsum("hd,chd->hc", q[0].float(),
                              key.repeat_interleave(G, dim=1)) / math.sqrt(D)
         assert (u >= logit - 1e-4 * (1 + logit.abs())).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_write_ignores_nan_in_unwritten_slots(device):
+    """A cache full of NaN (stale memory): a partial prefill and a decode token give finite
+    summaries of every kind, equal to the twin's (slots >= fill are never read)."""
+    B, Hk, D = 16, 2, 32
+    g = torch.Generator(device=device).manual_seed(9)
+    pool = torch.randn(Hk, D, generator=g, device=device)
+    key = torch.randn(6, Hk, D, generator=g, device=device)
+    for summary in KINDS:
+        kind = dict(summary=summary, pool=pool if summary == "attn_pool" else None)
+        kc = torch.full((3, B, Hk, D), float("nan"), device=device)
+        kc_t = kc.clone()
+        summ = torch.full((3, Hk, summary_dim(summary, D)), float("nan"), device=device)
+        summ_t = summ.clone()
+        for slots in ([B + 0, B + 1, B + 2, B + 3, B + 4], [B + 5]):       # block 1
+            sm = torch.tensor(slots, device=device)
+            k = key[:len(slots)]
+            write_kv_and_summaries(key=k, value=k, key_cache=kc, value_cache=kc,
+                                   summaries=summ, slot_mapping=sm, **kind)
+            ref.write_kv_and_summaries(key=k, value=k, key_cache=kc_t, value_cache=kc_t,
+                                       summaries=summ_t, slot_mapping=sm, **kind)
+            assert torch.isfinite(summ[1]).all(), summary
+            torch.testing.assert_close(summ[1], summ_t[1], rtol=1e-5, atol=1e-5)
