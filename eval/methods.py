@@ -82,7 +82,7 @@ def record_methods() -> list[dict]:
     families; the others are prefixed "minmax-" / "pool-" and their families suffixed
     "-minmax" / "-attn_pool". 28 DASH-engine methods in 3 engines (one per kind)."""
     ms = [{"name": "dense", "family": "dense", "dash": None}]
-    for kind in ("mean", "attn_pool", "minmax"):       # priority order (a time budget cuts the tail)
+    for kind in ("mean", "attn_pool", "minmax"):   # priority (a time budget cuts the tail)
         pre, suf = _kind_prefix(kind), ("" if kind == "mean" else f"-{kind}")
         ks = (1, 2, 4, 8, 16) if kind == "mean" else (1, 2, 4, 8)
         ms += [_m(f"{pre}topk-k{k}", topk_family(kind), selector="topk", min_blocks=k,

@@ -234,7 +234,7 @@ def _styles(comparison: Sequence[dict]) -> dict:
         if c["family"] != "dense":
             fams.setdefault(c["family"], (c.get("summary") or "mean", c.get("selector")))
     kinds = {k for k, _ in fams.values()}
-    others = [c for i, c in enumerate(plt_colors()) if i != 3]         # red: top-k
+    others = [c for i, c in enumerate(_tab10()) if i != 3]             # red: top-k
     out = {}
     for i, (fam, (kind, sel)) in enumerate(sorted(fams.items())):
         if len(kinds) > 1:
@@ -246,7 +246,7 @@ def _styles(comparison: Sequence[dict]) -> dict:
     return out
 
 
-def plt_colors() -> list:
+def _tab10() -> list:
     import matplotlib.pyplot as plt
     return list(plt.cm.tab10.colors)
 
