@@ -45,6 +45,8 @@ if [ -d .stage/c00 ]; then
   if bash .stage/tools/install_payload.sh .stage > /tmp/stage.log 2>&1; then . /tmp/site/env.sh
   else cp /tmp/stage.log "$OUT/stage.log"; log "staging failed (see stage.log)"; fi
   export PYTHONPATH=${PYTHONPATH:-}
+elif [ -f /tmp/site/env.sh ]; then       # staged by an earlier call on this (warm) machine
+  log "vLLM staged earlier (/tmp/site)"; . /tmp/site/env.sh; export PYTHONPATH=${PYTHONPATH:-}
 fi
 python3 -P -c "import torch, vllm_dash.kernels.select as s; print(torch.cuda.get_device_name(0))" 2>&1 | tee -a "$OUT/steps.log"
 # accuracy ARGS TIMEOUT: vllm-dash eval in a private network namespace, files $OUT/accuracy*
