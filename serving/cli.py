@@ -338,7 +338,7 @@ SIGTERM or Ctrl-C stops the server (exit status 0).
 """
 
 TOP_HELP = f"""\
-usage: {PROG} [-h] [--version] {{serve,config,eval,eval-report,calibrate}} ...
+usage: {PROG} [-h] [--version] {{serve,config,eval,eval-report,calibrate,distill}} ...
 
 DashAttention (block-sparse decode) as a vLLM attention backend.
 
@@ -349,6 +349,8 @@ commands:
   eval-report
             DASH vs top-k at equal measured density from eval reports; the default rule
   calibrate per-layer score_scale for a target density, as a score_scale_file
+  distill   fit attn_pool summary vectors to the model's attention, as a summary_file
+            (`{PROG} distill -h`)
 
 options:
   -h, --help  show this help and exit
@@ -439,11 +441,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cmd == "eval-report":
             from vllm_dash.eval import report
             return report.main(rest)
+        if cmd == "distill":
+            from vllm_dash.eval.distill import distill_main
+            return distill_main(rest)
     except BrokenPipeError:  # e.g. `vllm-dash config | head`
         sys.stdout = open(os.devnull, "w")
         return 0
     _say(f"{PROG}: error: unknown command {cmd!r} "
-         "(choose from 'serve', 'config', 'eval', 'eval-report', 'calibrate'; "
+         "(choose from 'serve', 'config', 'eval', 'eval-report', 'calibrate', 'distill'; "
          f"see `{PROG} --help`)")
     return 2
 
