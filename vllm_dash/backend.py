@@ -146,8 +146,14 @@ class DashMetadataBuilder(AttentionMetadataBuilder[DashMetadata]):
         self.buffers = DashBuffers(max_num_seqs=max_num_seqs, num_heads=self.num_heads,
                                    num_kv_heads=self.num_kv_heads, head_size=self.head_size,
                                    max_blocks=max_blocks, device=torch.device(device))
-        config = compat.engine_summaries(vllm_config).config
+        summaries = compat.engine_summaries(vllm_config)
+        config = summaries.config
         config.check_num_layers(len(layer_names))
+        if summaries.pool is not None:   # every layer's vectors on the device, before capture
+            first = compat.kv_head_offset(summaries.pool.shape[1])
+            for name in layer_names:
+                summaries.layer_pool(compat.layer_index(name), first, self.num_kv_heads,
+                                     device)
         self.stats_interval = config.stats_interval
         self._step = 0
         self._prev_decodes = 0
@@ -240,10 +246,10 @@ class DashAttentionImpl(AttentionImpl):
         """(layer index, DashParams, pooling vectors or None) of this layer, computed once."""
         if self._layer_idx is None:
             self._layer_idx = compat.layer_index(layer.layer_name)
-            if self.engine.pool is not None:
+            if self.engine.pool is not None:      # copied to the device by the builder
                 first = compat.kv_head_offset(self.engine.pool.shape[1])
-                rows = self.engine.pool[self._layer_idx, first:first + self.num_kv_heads]
-                self.pool = rows.to(device=device, dtype=torch.float32).contiguous()
+                self.pool = self.engine.layer_pool(self._layer_idx, first, self.num_kv_heads,
+                                                   device)
         if self._params is None:
             self._params = self.config.params_for_layer(self._layer_idx)
         return self._layer_idx, self._params, self.pool

@@ -26,7 +26,7 @@ import logging
 import os
 import pathlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -60,6 +60,24 @@ class EngineSummaries:
     config: DashConfig
     pool: Optional[torch.Tensor] = None
     source: Optional[str] = None
+    _on_device: dict = field(default_factory=dict, repr=False)
+
+    def layer_pool(self, layer: int, first_head: int, num_heads: int,
+                   device) -> Optional[torch.Tensor]:
+        """One layer's pooling vectors, heads [first_head, first_head + num_heads) (this
+        tensor-parallel rank's), fp32 [num_heads, D] on ``device``; None without vectors.
+        Copied once per (layer, heads, device): the builder asks for every layer at start-up,
+        so no host-to-device copy happens inside a forward (or a CUDA-graph capture)."""
+        if self.pool is None:
+            return None
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = (layer, first_head, num_heads, str(device))
+        if key not in self._on_device:
+            rows = self.pool[layer, first_head:first_head + num_heads]
+            self._on_device[key] = rows.to(device=device, dtype=torch.float32).contiguous()
+        return self._on_device[key]
 
 
 def _shape_error(path, tensor: str, got, want) -> ValueError:

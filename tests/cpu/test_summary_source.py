@@ -181,3 +181,17 @@ def test_layout_per_summary_kind(dtype, summary, ds):
             layout.summary_view(kv, hk, D, "minmax")
     with pytest.raises(ValueError, match="summary="):
         layout.summary_page_bytes(hk, D, "quest")
+
+
+def test_layer_pool_rows_copied_once(tmp_path):
+    """Each layer's (rank's) rows of the vectors, fp32 on the device, copied once: the
+    builder asks first, every later call returns the same tensor."""
+    pool = torch.randn(3, 2, 8)
+    path = write_pool(tmp_path / "s.safetensors", pool)
+    got = engine_summaries(DashConfig.from_mapping({"summary_file": path}), None, SHAPE)
+    a = got.layer_pool(2, 1, 1, "cpu")
+    assert a.shape == (1, 8) and torch.equal(a, pool[2, 1:2])
+    assert got.layer_pool(2, 1, 1, torch.device("cpu")) is a
+    assert torch.equal(got.layer_pool(0, 0, 2, "cpu"), pool[0])
+    none = engine_summaries(DashConfig.from_mapping(None), None, SHAPE)
+    assert none.pool is None and none.layer_pool(0, 0, 2, "cpu") is None

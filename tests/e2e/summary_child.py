@@ -1,10 +1,13 @@
 """Several vLLM engines one after another in ONE child process (the import and vLLM's
 start-up work are paid once): ``python summary_child.py SPEC.json``, one row per engine.
 
-Spec: prompts, max_tokens, max_model_len, engines: a list of {name, model, llm_kwargs}.
+Spec: prompts, max_tokens, max_model_len, engines: a list of {name, model, llm_kwargs,
+runtime (optional: DASH configs applied in turn through the harness's set_runtime_config,
+the prompts generated again after each)}.
 Row: {name, token_ids (per prompt), layers (DASH layers: resolved summary kind, the
-DashParams' kind, pooling vectors or None, via LLM.apply_model), seconds} or, when the
-engine fails to start, {name, error}. Put engines expected to fail last.
+DashParams' kind, pooling vectors or None, via LLM.apply_model), runtime (per runtime config:
+{token_ids} or {error}), seconds} or, when the engine fails to start, {name, error}. Put
+engines expected to fail last.
 """
 import gc
 import time
@@ -40,12 +43,25 @@ def run_engine(engine: dict, spec: dict) -> dict:
     layers = []
     if kw.get("attention_backend") == "CUSTOM":
         layers = llm.apply_model(layer_info)[0]
+    runtime = [apply_and_generate(llm, dash, spec["prompts"], params)
+               for dash in engine.get("runtime", [])]
     row = {"name": engine["name"], "token_ids": [list(o.outputs[0].token_ids) for o in outs],
            "prompt_lens": [len(o.prompt_token_ids) for o in outs], "layers": layers,
-           "seconds": round(time.time() - t0, 1)}
+           "runtime": runtime, "seconds": round(time.time() - t0, 1)}
     del llm, outs
     gc.collect()
     return row
+
+
+def apply_and_generate(llm, dash: dict, prompts, params) -> dict:
+    """Switch every DASH layer to ``dash`` as the accuracy harness does, then generate."""
+    from vllm_dash.eval.engine import set_runtime_config
+    try:
+        llm.apply_model(lambda model: set_runtime_config(model, dash))
+    except Exception as e:            # noqa: BLE001 - a refused change is the result
+        return {"error": f"{type(e).__name__}: {e}"}
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return {"token_ids": [list(o.outputs[0].token_ids) for o in outs]}
 
 
 def run(spec: dict) -> None:

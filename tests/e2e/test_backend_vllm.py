@@ -176,7 +176,8 @@ def test_tiny_summary_kinds(tmp_path, vllm_cache_root, tiny_llama_dir):
     """One engine per summary kind, in one child process: with dense settings, minmax and
     attn_pool (vectors from the checkpoint's indexer_q, real weights loaded through vLLM's
     loader) give vLLM's own tokens; the checkpoint's vectors reach every layer; a sparse
-    attn_pool engine on a summary_file answers; a summary_file of the wrong shape stops the
+    attn_pool engine on a summary_file answers; the harness's runtime switch runs sparse knobs
+    on minmax and refuses another summary kind; a summary_file of the wrong shape stops the
     engine at start-up with a one-line error naming the file, the tensor and both shapes;
     vLLM without DASH cannot load such a checkpoint (its loader rejects indexer_q)."""
     import torch
@@ -189,7 +190,8 @@ def test_tiny_summary_kinds(tmp_path, vllm_cache_root, tiny_llama_dir):
     plain = str(tiny_llama_dir)
     engines = [
         {"name": "base", "model": plain},
-        {"name": "minmax", "model": plain, "llm_kwargs": dash({**DENSE, "summary": "minmax"})},
+        {"name": "minmax", "model": plain, "llm_kwargs": dash({**DENSE, "summary": "minmax"}),
+         "runtime": [{**SPARSE, "summary": "minmax", "min_blocks": 1}, {"summary": "mean"}]},
         {"name": "ckpt", "model": str(ckpt), "llm_kwargs": dash(DENSE)},
         {"name": "file", "model": plain,
          "llm_kwargs": dash({**SPARSE, "summary": "attn_pool", "summary_file": str(good)})},
@@ -212,6 +214,10 @@ def test_tiny_summary_kinds(tmp_path, vllm_cache_root, tiny_llama_dir):
         assert len(layers) == 2 and all(x["summary"] == x["params_summary"] == kind
                                         for x in layers), (name, layers)
     assert rows["minmax"]["token_ids"] == base["token_ids"]
+    # the harness's runtime switch: sparse knobs on minmax summaries run; another kind is refused
+    sparse, other = rows["minmax"]["runtime"]
+    assert [len(t) for t in sparse["token_ids"]] == [8, 8], sparse
+    assert "cannot replace the engine's summary='minmax'" in other["error"], other
     assert rows["ckpt"]["token_ids"] == base["token_ids"]
     assert [x["pool"] for x in rows["ckpt"]["layers"]] == pool
     got = torch.tensor([x["pool"] for x in rows["file"]["layers"]])
