@@ -123,8 +123,9 @@ def _checked_file_pool(path: str, shape: Optional[ModelShape]) -> torch.Tensor:
     if pool.dim() != 3:
         raise _shape_error(path, "pool", pool.shape, ("layers", "kv_heads", "head_size"))
     if scale is not None:
-        logger.info("DASH summary_file %s: score_scale is ignored (per-head stage-1 scales "
-                    "are not implemented; score_norm 'standardize' cancels them)", path)
+        logger.info("DASH summary_file %s: score_scale is ignored (per-(layer, KV head) "
+                    "stage-1 scales are not implemented; under score_norm 'standardize' a "
+                    "positive per-head scale cancels anyway)", path)
     return _finite(pool.float(), path, "pool")
 
 
