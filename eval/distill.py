@@ -175,13 +175,15 @@ def fit(data: Sequence[WindowData], pool: torch.Tensor, log_t: torch.Tensor, *, 
 def _capture_windows(lm, tok, *, lengths, windows, positions, seed, block_size, sink_blocks,
                      device, bar) -> tuple:
     """(train, held) WindowData lists: per length ``windows`` windows of the distill
-    slice; the last max(1, windows // 4) of each length are held out (none if windows 1)."""
+    slice, all cut from one text stream (no two windows share text); the last
+    max(1, windows // 4) of each length are held out (none if windows is 1)."""
     gen = torch.Generator().manual_seed(seed)
     train, held = [], []
-    for T in lengths:
-        ids = text_mod.token_windows(tok, "distill", T, windows, seed)
-        n_held = max(1, windows // 4) if windows > 1 else 0
-        for i, w in enumerate(ids):
+    all_ids = text_mod.cut_windows(tok, "distill", [T for T in lengths for _ in range(windows)],
+                                   seed)
+    n_held = max(1, windows // 4) if windows > 1 else 0
+    for j, T in enumerate(lengths):
+        for i, w in enumerate(all_ids[j * windows:(j + 1) * windows]):
             pos = cap_mod.sample_positions(T, positions, gen, low=max(T // 4,
                                            (sink_blocks + 2) * block_size))
             c = cap_mod.capture(lm, w, pos)
@@ -200,7 +202,6 @@ def distill(model=None, *, lengths=DEFAULTS["lengths"], windows=DEFAULTS["window
     t0 = time.time()
     path = cap_mod.resolve_model(model)
     lm, tok = cap_mod.load_model(path, device)
-    torch.manual_seed(seed)
     bar = progress_bar(len(lengths) * windows, "distill: capture", progress)
     try:
         train, held = _capture_windows(lm, tok, lengths=list(lengths), windows=windows,

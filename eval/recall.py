@@ -163,7 +163,8 @@ def _rows(methods, plans, acc, T, L, n_pos) -> list:
 # ----------------------------------------------------------------------------- CLI
 def recall_methods(summary_file: Optional[str] = None) -> list:
     """A default comparison: dense; per summary kind (attn_pool only with a summary file)
-    top-k at k = 2, 4, 8, 16 and DASH with the serving defaults."""
+    top-k at k = 2, 4, 8, 16, DASH with the serving defaults, and DASH without the floor
+    (min_blocks 0: entmax's own budget) at score_scale 2."""
     base = {"score_norm": "standardize", "prior_weight": 0.0, "sink_blocks": 1,
             "local_blocks": 1, "dense_below": 0}
     out = [{"name": "dense", "family": "dense", "dash": None}]
@@ -175,6 +176,8 @@ def recall_methods(summary_file: Optional[str] = None) -> list:
                 for k in (2, 4, 8, 16)]
         out.append({"name": f"{kind}-dash-default", "family": f"{kind}-dash",
                     "dash": dict(extra)})
+        out.append({"name": f"{kind}-dash-nofloor-s2", "family": f"{kind}-dash-nofloor",
+                    "dash": {**base, **extra, "score_scale": 2.0, "min_blocks": 0}})
     return out
 
 

@@ -27,7 +27,7 @@ import warnings
 from typing import Optional
 
 __all__ = ["PARTS", "STDLIB_MODULES", "slice_modules", "module_text", "slice_text",
-           "token_windows", "describe"]
+           "token_windows", "cut_windows", "describe"]
 
 #: The two disjoint slices.
 PARTS = ("distill", "recall")
@@ -114,29 +114,41 @@ def slice_text(part: str, seed: int) -> list[str]:
 
 
 def token_windows(tokenizer, part: str, length: int, count: int, seed: int) -> list[list[int]]:
-    """``count`` windows of exactly ``length`` token ids of the slice's text.
+    """``count`` windows of exactly ``length`` token ids of the slice's text (see
+    :func:`cut_windows`)."""
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"window count={count!r} is invalid: must be an integer >= 1")
+    return cut_windows(tokenizer, part, [length] * count, seed)
+
+
+def cut_windows(tokenizer, part: str, lengths, seed: int) -> list[list[int]]:
+    """One window per entry of ``lengths`` (token ids, exactly that many).
 
     Each window starts with the tokenizer's BOS token (when it has one) followed by
-    consecutive text; windows are cut one after another from the slice's text in the
+    consecutive text; the windows are cut one after another from the slice's text in the
     order ``seed`` picks, so they do not overlap while the slice lasts (after that the
     text is reused in another order: a window may then repeat text of an earlier one).
     """
-    if not isinstance(length, int) or length < 2:
-        raise ValueError(f"window length={length!r} is invalid: must be an integer >= 2")
-    if not isinstance(count, int) or count < 1:
-        raise ValueError(f"window count={count!r} is invalid: must be an integer >= 1")
+    lengths = list(lengths)
+    for length in lengths:
+        if not isinstance(length, int) or length < 2:
+            raise ValueError(f"window length={length!r} is invalid: must be an integer >= 2")
     bos = getattr(tokenizer, "bos_token_id", None)
-    body = length - (1 if bos is not None else 0)
+    head = [bos] if bos is not None else []
+    bodies = [n - len(head) for n in lengths]
     stream: list[int] = []
     rounds = 0
-    while len(stream) < body * count:
+    while len(stream) < sum(bodies):
         text = "\n\n".join(slice_text(part, seed + 7919 * rounds))
         stream += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         rounds += 1
         if rounds > 64:
             raise RuntimeError("the stdlib text slice is empty in this Python")
-    head = [bos] if bos is not None else []
-    return [head + stream[i * body:(i + 1) * body] for i in range(count)]
+    out, at = [], 0
+    for n in bodies:
+        out.append(head + stream[at:at + n])
+        at += n
+    return out
 
 
 def describe(part: str, seed: int) -> str:

@@ -82,6 +82,9 @@ def test_text_slices_are_disjoint_and_windows_deterministic(tiny):
     assert all(w[0] == tok.bos_token_id for w in w1)
     assert w1[0] != w1[1]
     assert T.token_windows(tok, "recall", 300, 1, seed=6)[0] != w1[0]
+    a, b = T.cut_windows(tok, "distill", [50, 80], seed=2)     # consecutive, no overlap
+    (big,) = T.cut_windows(tok, "distill", [129], seed=2)
+    assert big[1:] == a[1:] + b[1:] and len(a) == 50 and len(b) == 80
     assert "recall" in T.describe("recall", 5) and "seed 5" in T.describe("recall", 5)
     with pytest.raises(ValueError, match="part='test'"):
         T.slice_modules("test")
