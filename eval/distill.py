@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Optional, Sequence
 import torch
 
 from vllm_dash.eval import capture as cap_mod
+from vllm_dash.eval import provenance
 from vllm_dash.eval import text as text_mod
 
 __all__ = ["DEFAULTS", "FORMAT", "WindowData", "window_data", "pool_summaries", "kl_loss",
@@ -239,7 +239,8 @@ def distill(model=None, *, lengths=DEFAULTS["lengths"], windows=DEFAULTS["window
               "attn_pool": mean_loss(check, pool, log_t),
               "train_mean": mean_loss(train, pool0, log_t_mean),
               "train_attn_pool": mean_loss(train, pool, log_t)}
-    meta = {"format": FORMAT, "model": str(model or path), "model_path": path,
+    meta = {"format": FORMAT, "model": os.path.basename(os.path.normpath(str(model or path))),
+            "model_dir": os.path.basename(os.path.normpath(path)),   # no machine paths
             "layers": str(L), "kv_heads": str(Hk), "head_size": str(D),
             "data": text_mod.describe("distill", seed),
             "lengths": json.dumps(list(lengths)), "windows": str(windows),
@@ -252,7 +253,8 @@ def distill(model=None, *, lengths=DEFAULTS["lengths"], windows=DEFAULTS["window
             "stage1_temperature": json.dumps(log_t.exp().cpu().tolist()),
             "device": device, "wall_s": f"{time.time() - t0:.1f}",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "vllm_dash": _version(), "commit": _commit()}
+            "vllm_dash": provenance.versions().get("vllm-dash", "unknown"),
+            "commit": provenance.commit()}
     return {"pool": pool.float().cpu().contiguous()}, meta
 
 
@@ -270,30 +272,6 @@ def _check_args(lengths, windows, positions, steps, block_size, sink_blocks, lr)
     for key, v in (("windows", windows), ("positions", positions), ("steps", steps)):
         need(isinstance(v, int) and v >= 1, key, v, "an integer >= 1")
     need(lr > 0, "lr", lr, "a number > 0")
-
-
-def _version() -> str:
-    import importlib.metadata
-    try:
-        return importlib.metadata.version("vllm-dash")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _commit() -> str:
-    """$VLLM_DASH_COMMIT, else the source tree's git HEAD (+ "-dirty"), else "unknown"."""
-    env = os.environ.get("VLLM_DASH_COMMIT")
-    if env:
-        return env
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--", "."],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def write_summary_file(out: str, tensors: dict, meta: dict) -> None:

@@ -33,6 +33,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from vllm_dash.eval import methods as M
+from vllm_dash.eval import provenance
 from vllm_dash.eval import report as eval_report
 from vllm_dash.eval import tasks as eval_tasks
 from vllm_dash.serving import child
@@ -282,7 +283,8 @@ def _write_report(args, tasks, samples, runs, recall, methods, info, device, max
               "method_set": args.methods, "max_model_len": max_model_len,
               "wall_s": round(time.time() - t0, 1), "engines": info,
               "notes": info.get("notes", []), "not_run": not_run, "methods": methods,
-              "rows": summary["rows"]}
+              "rows": summary["rows"], "versions": provenance.versions(),
+              "commit": provenance.commit()}
     if getattr(args, "summary_file", None):
         report["summary_file"] = summary_file_info(args.summary_file)
     if getattr(args, "recall", False):

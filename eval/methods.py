@@ -17,6 +17,8 @@ import math
 import os
 from typing import Optional
 
+from vllm_dash.config import TRAINING_FREE_SUMMARY
+
 #: the block summary kinds (kernels.params.SUMMARY_KINDS; a test keeps them in step)
 SUMMARY_KINDS = ("mean", "minmax", "attn_pool")
 
@@ -96,14 +98,17 @@ def record_methods() -> list[dict]:
 
 def summary_kind(dash: Optional[dict]) -> Optional[str]:
     """The summary kind a DASH config runs with (None for dense): its "summary" key;
-    "auto" or no key is attn_pool with a summary_file, else mean (the adapter's rule
-    without pooling vectors in the checkpoint)."""
+    "auto" is attn_pool with a summary_file, else the adapter's training-free kind (its rule
+    without pooling vectors in the checkpoint). No key is the harness's convention: attn_pool
+    with a summary_file, else "mean" (the first record's methods ran on mean without the key;
+    engine_groups writes the kind into every method, so the engine runs what this says)."""
     if dash is None:
         return None
-    kind = dash.get("summary", "auto")
-    if kind == "auto":
+    if "summary" not in dash:                # the harness's convention (engine_groups)
         return "attn_pool" if dash.get("summary_file") else "mean"
-    return kind
+    if dash["summary"] == "auto":
+        return "attn_pool" if dash.get("summary_file") else TRAINING_FREE_SUMMARY
+    return dash["summary"]
 
 
 def engine_groups(methods: list[dict], summary_file: Optional[str]) -> tuple:
@@ -132,6 +137,7 @@ def engine_groups(methods: list[dict], summary_file: Optional[str]) -> tuple:
                 if note not in notes:
                     notes.append(note)
                 continue
+        dash["summary"] = summary_kind(dash)        # explicit: the engine runs the label
         key = tuple(dash.get(k) for k in ENGINE_KEYS)
         if key not in groups:
             name = "dash" if key == (None, None) else f"dash-{key[0] or 'auto'}"

@@ -38,9 +38,10 @@ import sys
 from typing import Optional, Sequence
 
 from vllm_dash.eval import methods as M
-from vllm_dash.eval.targets import check_targets, choose_default, format_targets
+from vllm_dash.eval.targets import check_targets, choose_default, choose_summary, format_targets
 
-__all__ = ["merge_reports", "solved_tasks", "compare", "choose_default", "check_targets",
+__all__ = ["merge_reports", "solved_tasks", "compare", "choose_default", "choose_summary",
+           "check_targets",
            "paired", "format_comparison", "format_recall", "pareto_png", "main"]
 
 TOPK_FAMILY = "topk"
@@ -377,6 +378,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_comparison(comp))
     print(f"\ndefault rule: {choice['rule']}")
     _print_choice("chosen", choice)
+    sc = choice.get("summary_choice") or {}
+    if sc.get("method"):
+        alts = ", ".join(f"{a['method']} ({'dominates' if a['dominates'] else 'does not'})"
+                         for a in sc["alternatives"]) or "none run"
+        print(f"summary kind: {sc['rule']}\n  -> {sc['kind']} ({sc['method']}); "
+              f"twins: {alts}")
     if choice["learned"]["candidates"]:
         print(f"per-model file (attn_pool), reported apart: {choice['learned']['rule']}")
         _print_choice("best learned", choice["learned"])

@@ -10,6 +10,12 @@ Training-free methods (mean, minmax) compete for the shipped default, which must
 model; methods that need a per-model file (attn_pool: a summary file from `vllm-dash
 distill`) are ranked by the same rule but reported apart ("learned").
 
+Summary-kind step (``choose_summary``, after the rule): the chosen method's settings on each
+other training-free summary kind (same knobs, another ``summary``) replace it when they
+Pareto-dominate it: accuracy >= and measured density <= at every length. The selector rule
+alone cannot compare kinds (it measures each method against top-k on its own summaries), and
+a kind that is at least as accurate at no more density everywhere is better for any user.
+
 Target checks (``check_targets``): the issue's targets as pass/fail with their numbers;
 a target without the data it needs fails ("no data"). Pure Python.
 """
@@ -19,7 +25,7 @@ from typing import Optional, Sequence
 
 from vllm_dash.eval import methods as M
 
-__all__ = ["choose_default", "check_targets", "format_targets", "TODAY_DEFAULT"]
+__all__ = ["choose_default", "choose_summary", "check_targets", "format_targets", "TODAY_DEFAULT"]
 
 #: the shipped default before issue 13 (mean summaries), the reference of the 8K target
 TODAY_DEFAULT = "dash-floor4-s2"
@@ -78,10 +84,61 @@ RULE_LEARNED = ("the same rule among DASH methods that need a per-model summary 
                 "(attn_pool); reported apart: a shipped default must work on any model")
 
 
+RULE_SUMMARY = ("the chosen method's settings on another training-free summary kind replace it "
+                "when they Pareto-dominate it: accuracy >= and measured density <= at every "
+                "length")
+
+
+def _same_knobs(a: dict, b: dict) -> bool:
+    strip = lambda d: {k: v for k, v in (d or {}).items() if k != "summary"}  # noqa: E731
+    return strip(a) == strip(b)
+
+
+def choose_summary(comparison: Sequence[dict], methods: Sequence[dict],
+                   chosen: Optional[dict]) -> dict:
+    """The summary-kind step (module docstring): {"rule", "kind", "method", "dash",
+    "per_length", "alternatives"}; ``kind`` stays the chosen method's own unless another
+    kind's twin dominates it (the most accurate dominating twin wins)."""
+    out = {"rule": RULE_SUMMARY, "kind": None, "method": None, "dash": None,
+           "per_length": {}, "alternatives": []}
+    if not chosen:
+        return out
+    rows = lambda name: {c["length"]: c for c in comparison if c["method"] == name}  # noqa
+    base = rows(chosen["method"])
+    out.update(kind=chosen["summary"], method=chosen["method"], dash=chosen["dash"],
+               per_length={n: {"density": c["density"], "accuracy": c["accuracy_solved"]}
+                           for n, c in base.items()})
+    best = None
+    for m in methods:
+        kind = M.summary_kind(m.get("dash"))
+        if (m["name"] == chosen["method"] or kind in (None, chosen["summary"])
+                or _needs_file(m) or not _same_knobs(m["dash"], chosen["dash"])):
+            continue
+        twin = rows(m["name"])
+        if sorted(twin) != sorted(base):
+            continue
+        dominates = all(twin[n]["accuracy_solved"] >= base[n]["accuracy_solved"]
+                        and twin[n]["density"] <= base[n]["density"] for n in base)
+        acc = sum(c["accuracy_solved"] for c in twin.values()) / len(twin)
+        out["alternatives"].append({"method": m["name"], "kind": kind, "dominates": dominates,
+                                    "mean_accuracy": acc})
+        if dominates and (best is None or acc > best[0]):
+            best = (acc, m, kind, twin)
+    if best:
+        _, m, kind, twin = best
+        out.update(kind=kind, method=m["name"], dash=m["dash"],
+                   per_length={n: {"density": c["density"], "accuracy": c["accuracy_solved"]}
+                               for n, c in twin.items()})
+    return out
+
+
 def choose_default(comparison: Sequence[dict], methods: Sequence[dict]) -> dict:
-    """Apply the default rule (module docstring): the training-free choice, and apart
-    from it ("learned") the same rule over the methods that need a summary file."""
-    return {"rule": RULE, **_pick(_candidates(comparison, methods, learned=False)),
+    """Apply the default rule (module docstring): the training-free choice, the summary-kind
+    step on it, and apart ("learned") the same rule over the methods that need a summary
+    file."""
+    picked = _pick(_candidates(comparison, methods, learned=False))
+    return {"rule": RULE, **picked,
+            "summary_choice": choose_summary(comparison, methods, picked["chosen"]),
             "learned": {"rule": RULE_LEARNED,
                         **_pick(_candidates(comparison, methods, learned=True))}}
 

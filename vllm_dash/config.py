@@ -36,9 +36,12 @@ from vllm_dash.layout import SUPPORTED_BLOCK_SIZES
 __all__ = ["DashConfig", "SUPPORTED_BLOCK_SIZES", "SUMMARY_CHOICES", "TRAINING_FREE_SUMMARY",
            "config_help", "engine_config"]
 
-#: The summary kind "auto" becomes when no pooling vectors are available (the one
-#: training-free default; "mean" until the issue-13 record run says otherwise).
-TRAINING_FREE_SUMMARY = "mean"
+#: The summary kind "auto" becomes when no pooling vectors are available: the training-free
+#: default, chosen by the summary-kind step of `vllm-dash eval-report` (eval/targets.py) from
+#: benchmarks/results/accuracy-smollm2-135m-instruct-learned.json: the shipped settings on
+#: Quest's min/max summaries Pareto-dominate them on mean summaries (more accurate at lower
+#: measured density at 2K, 4K and 8K; confirmed on another seed: ...-learned-confirm.json).
+TRAINING_FREE_SUMMARY = "minmax"
 #: Allowed values of the ``summary`` key.
 SUMMARY_CHOICES = ("auto",) + tuple(SUMMARY_KINDS)
 

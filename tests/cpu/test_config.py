@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from vllm_dash.config import DashConfig, config_help, engine_config
+from vllm_dash.config import TRAINING_FREE_SUMMARY, DashConfig, config_help, engine_config
 from vllm_dash.kernels.params import DashParams
 
 
@@ -31,7 +31,7 @@ def test_values_are_used():
     assert one.params_for_layer(0) is one.params_for_layer(7)
     assert one.params_for_layer(5) == DashParams(alpha=2.0, score_scale=3.0, prior_weight=0.0,
                                                  sink_blocks=1, local_blocks=1, min_blocks=4,
-                                                 score_norm="standardize")
+                                                 score_norm="standardize", summary="minmax")
     with pytest.raises(ValueError, match="score_scale has 2 entries but the model has 3"):
         cfg.check_num_layers(3)
 
@@ -106,8 +106,8 @@ def test_summary_kinds_and_auto_resolution():
     from vllm_dash.config import TRAINING_FREE_SUMMARY
     auto = DashConfig.from_mapping(None)
     assert auto.summary == "auto" and auto.summary_file is None
-    assert auto.params_for_layer(0).summary == TRAINING_FREE_SUMMARY == "mean"
-    assert auto.resolve_summary(False).params_for_layer(0).summary == "mean"
+    assert auto.params_for_layer(0).summary == TRAINING_FREE_SUMMARY == "minmax"
+    assert auto.resolve_summary(False).params_for_layer(0).summary == "minmax"
     pooled = auto.resolve_summary(True)
     assert pooled.summary == "attn_pool" and pooled.params_for_layer(3).summary == "attn_pool"
     for kind in ("mean", "minmax"):
@@ -125,13 +125,14 @@ def test_summary_kinds_and_auto_resolution():
 def test_runtime_change_keeps_the_engine_summary():
     """set_runtime_config -> Impl.set_config -> runtime_change: knobs may change, the summary
     kind and summary_file may not."""
-    engine = DashConfig.from_mapping({}).resolve_summary(False)            # mean
+    engine = DashConfig.from_mapping({}).resolve_summary(False)       # the training-free kind
+    assert engine.summary == TRAINING_FREE_SUMMARY == "minmax"
     new = engine.runtime_change(DashConfig.from_mapping({"min_blocks": 2}), has_pool=False)
-    assert new.summary == "mean" and new.min_blocks == 2
-    assert engine.runtime_change(DashConfig.from_mapping({"summary": "mean"}),
-                                 has_pool=False).summary == "mean"
-    with pytest.raises(ValueError, match="summary='minmax'.*engine's summary='mean'") as e:
-        engine.runtime_change(DashConfig.from_mapping({"summary": "minmax"}), has_pool=False)
+    assert new.summary == TRAINING_FREE_SUMMARY and new.min_blocks == 2
+    assert engine.runtime_change(DashConfig.from_mapping({"summary": "minmax"}),
+                                 has_pool=False).summary == "minmax"
+    with pytest.raises(ValueError, match="summary='mean'.*engine's summary='minmax'") as e:
+        engine.runtime_change(DashConfig.from_mapping({"summary": "mean"}), has_pool=False)
     assert "start a new engine" in str(e.value) and "\n" not in str(e.value)
     pooled = DashConfig.from_mapping({"summary_file": __file__}).resolve_summary(True)
     same = pooled.runtime_change(DashConfig.from_mapping({"summary_file": __file__,

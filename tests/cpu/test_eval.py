@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from vllm_dash.config import TRAINING_FREE_SUMMARY
 from vllm_dash.eval import harness
 from vllm_dash.eval import methods as M
 from vllm_dash.serving import child
@@ -82,7 +83,7 @@ def test_engine_cut_short_keeps_finished_runs(tmp_path):
 def test_failed_engine_keeps_the_other_and_lists_what_did_not_run(tmp_path, tiny_llama_dir,
                                                                    monkeypatch):
     def fake_spawn(spec, timeout, log, cmd=None):
-        if spec["engine"] == "dash":
+        if spec["engine"] != "dense":
             raise RuntimeError("vllm-dash eval: the dash engine failed (exit 1): boom")
         cell = [s for s in spec["samples"] if s["length"] == 512]
         return {"init_s": 1.0, "results": [{"method": "dense", "length": 512, "density": 1.0,
@@ -95,7 +96,7 @@ def test_failed_engine_keeps_the_other_and_lists_what_did_not_run(tmp_path, tiny
     rep = harness.run_eval(args)
     saved = json.loads(out.read_text())
     assert saved["not_run"] == rep["not_run"] == ["topk-k2@512", "dash-floor2-s3@512"]
-    assert "boom" in saved["engines"]["dash"]["error"]
+    assert "boom" in saved["engines"]["dash-mean"]["error"]
     assert [r["accuracy_mean"] for r in saved["rows"]] == [1.0]
     with pytest.raises(SystemExit, match="matches no method"):
         harness.run_eval(harness.eval_parser().parse_args(
@@ -134,17 +135,20 @@ def test_record_methods_cover_kinds_selectors_and_the_shipped_default():
         assert len({m["dash"]["score_scale"] for m in dash if m["dash"]["min_blocks"]}) >= 2
         assert len({m["dash"]["score_scale"] for m in dash if not m["dash"]["min_blocks"]}) >= 2
     assert M.summary_kind(None) is None and M.summary_kind({}) == "mean"
+    assert M.summary_kind({"summary": "auto"}) == TRAINING_FREE_SUMMARY
     assert M.summary_kind({"summary_file": "x"}) == "attn_pool"
 
 
 def test_engine_groups_one_engine_per_summary_and_skip_without_file(tmp_path):
     ms = M.record_methods() + M.smoke_methods()[1:2]
-    ms[-1] = {**ms[-1], "name": "plain-topk"}          # no summary key: today's engine
+    ms[-1] = {**ms[-1], "name": "plain-topk"}          # no summary key: mean (the convention)
     groups, notes, skipped = M.engine_groups(ms, None)
-    assert [g["name"] for g in groups] == ["dash-mean", "dash-minmax", "dash"]
+    assert [g["name"] for g in groups] == ["dash-mean", "dash-minmax"]
+    assert groups[0]["methods"][-1]["name"] == "plain-topk"
+    assert groups[0]["methods"][-1]["dash"]["summary"] == "mean"
     assert skipped == [m["name"] for m in ms if (m["dash"] or {}).get("summary") == "attn_pool"]
     assert len(notes) == 1 and "no --summary-file" in notes[0] and "distill" in notes[0]
-    assert groups[2]["engine_dash"] == M.BASE
+    assert groups[0]["engine_dash"] == {**M.BASE, "summary": "mean"}
     for g in groups:
         for m in g["methods"]:      # every method carries its engine's keys
             assert all(m["dash"].get(k) == g["engine_dash"].get(k) for k in M.ENGINE_KEYS)
@@ -159,7 +163,7 @@ def test_engine_groups_one_engine_per_summary_and_skip_without_file(tmp_path):
     assert not notes and not skipped
     assert pool["engine_dash"] == {**M.BASE, "summary": "attn_pool", "summary_file": str(f)}
     assert all(m["dash"]["summary_file"] == str(f) for m in pool["methods"])
-    assert [g["name"] for g in groups] == ["dash-mean", "dash-attn_pool", "dash-minmax", "dash"]
+    assert [g["name"] for g in groups] == ["dash-mean", "dash-attn_pool", "dash-minmax"]
 
 
 def test_engine_start_config_and_runtime_keys():

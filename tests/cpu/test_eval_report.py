@@ -273,3 +273,68 @@ def test_merge_keeps_recall_and_cli_reports_targets(tmp_path, capsys):
         assert (tmp_path / "out.png").exists()
     except ImportError:
         assert "not written" in text
+
+
+# ----------------------------------------------------------------------- summary-kind step
+LEARNED = os.path.join(RESULTS, "accuracy-smollm2-135m-instruct-learned.json")
+CONFIRM = os.path.join(RESULTS, "accuracy-smollm2-135m-instruct-learned-confirm.json")
+
+
+def _twin_rows(pool_acc, pool_dens):
+    rows = []
+    for i, L in enumerate((100, 200)):
+        rows.append(_row("dense", "dense", L, 1.0, {"a": 1.0}))
+        rows.append(_row("topk-k1", "topk", L, 0.2, {"a": 0.2}))
+        rows.append(_row("topk-k4", "topk", L, 0.6, {"a": 0.9}))
+        rows.append(_row("good", "dash-floor4", L, 0.4, {"a": 0.8}))
+        rows.append(_row("minmax-good", "dash-floor4-minmax", L, pool_dens[i],
+                         {"a": pool_acc[i]}))
+    return rows
+
+
+def _twin_methods():
+    return [_method("dense", "dense"), _method("topk-k1", "topk", selector="topk", min_blocks=1),
+            _method("topk-k4", "topk", selector="topk", min_blocks=4),
+            _method("good", "dash-floor4", min_blocks=4, summary="mean"),
+            _method("minmax-good", "dash-floor4-minmax", min_blocks=4, summary="minmax")]
+
+
+@pytest.mark.parametrize("acc, dens, kind", [
+    ((0.9, 0.85), (0.3, 0.4), "minmax"),       # more accurate, no denser at both: replaces
+    ((0.9, 0.79), (0.3, 0.3), "mean"),         # less accurate at one length: stays
+    ((0.9, 0.90), (0.3, 0.41), "mean"),        # denser at one length: stays
+])
+def test_summary_step_needs_pareto_dominance_at_every_length(acc, dens, kind):
+    comp = er.compare(_twin_rows(acc, dens), 0.8)
+    good = next(c for c in er.choose_default(comp, _twin_methods())["candidates"]
+                if c["method"] == "good")
+    sc = er.choose_summary(comp, _twin_methods(), good)
+    assert sc["kind"] == kind and [a["method"] for a in sc["alternatives"]] == ["minmax-good"]
+    assert sc["method"] == ("minmax-good" if kind == "minmax" else "good")
+
+
+def test_learned_record_chooses_the_shipped_defaults():
+    """The issue-13 record (GPU, seed 1313): the selector rule keeps dash-floor4-s2, the
+    summary-kind step moves it to minmax; DashConfig's defaults are that setting and "auto"
+    without pooling vectors is that kind. The confirmation run (seed 2718) agrees."""
+    from vllm_dash.config import TRAINING_FREE_SUMMARY
+    with open(LEARNED) as f:
+        record = json.load(f)
+    again = er.choose_default(er.compare(record["rows"], record["solved_threshold"],
+                                         recall=record.get("recall")), record["methods"])
+    assert again["chosen"]["method"] == record["default_choice"]["chosen"]["method"]
+    sc = again["summary_choice"]
+    assert sc["kind"] == TRAINING_FREE_SUMMARY == "minmax"
+    defaults = DashConfig()
+    for key, value in sc["dash"].items():
+        if key in ("dense_below", "stats_interval", "summary"):
+            continue
+        assert getattr(defaults, key) == value, key
+    assert defaults.summary == "auto"
+    with open(CONFIRM) as f:
+        confirm = json.load(f)
+    rows = {(r["method"], r["length"]): r for r in
+            er.compare(confirm["rows"], confirm["solved_threshold"])}
+    for L in (2048, 4096, 8192):
+        new, old = rows[(sc["method"], L)], rows[(again["chosen"]["method"], L)]
+        assert new["accuracy_solved"] >= old["accuracy_solved"] and new["density"] <= old["density"]

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from vllm_dash import layout, summary_source
-from vllm_dash.config import DashConfig
+from vllm_dash.config import TRAINING_FREE_SUMMARY, DashConfig
 from vllm_dash.summary_source import ModelShape, engine_summaries
 
 SHAPE = ModelShape(num_layers=3, num_kv_heads=2, head_size=8)
@@ -142,8 +142,9 @@ def test_checkpoint_mismatch_and_absence(tmp_path):
               str(plain / "model.safetensors"))
     assert engine_summaries(DashConfig.from_mapping(None), str(plain), SHAPE).pool is None
     assert engine_summaries(DashConfig.from_mapping(None), str(plain), SHAPE).config.summary \
-        == "mean"
-    assert engine_summaries(DashConfig.from_mapping(None), None, None).config.summary == "mean"
+        == TRAINING_FREE_SUMMARY
+    assert engine_summaries(DashConfig.from_mapping(None), None, None).config.summary \
+        == TRAINING_FREE_SUMMARY
     with pytest.raises(ValueError, match="needs pooling vectors"):
         engine_summaries(DashConfig.from_mapping({"summary": "attn_pool"}), str(plain), SHAPE)
 
