@@ -59,7 +59,9 @@ for step in "$@"; do
     tests)  log "gpu tests"; timeout 300 python3 -P -m pytest tests/kernels -m gpu -q -rs -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1; tail -3 "$OUT/gpu_tests.txt" | tee -a "$OUT/steps.log" ;;
     bench)  log "kernel bench"; timeout 240 python3 benchmarks/bench_kernels.py --select dash_select_hook:select --warmup 10 --rep 40 --out "$OUT/bench_kernels.json" > "$OUT/bench_kernels.txt" 2>&1; tail -2 "$OUT/bench_kernels.txt" | tee -a "$OUT/steps.log" ;;
     benchhnd) log "kernel bench, head-major layout (adds fa3-sparse)"; timeout 300 python3 benchmarks/bench_kernels.py --layout hnd --select dash_select_hook:select --warmup 10 --rep 40 --out "$OUT/bench_kernels_hnd.json" > "$OUT/bench_kernels_hnd.txt" 2>&1; tail -2 "$OUT/bench_kernels_hnd.txt" | tee -a "$OUT/steps.log" ;;
-    e2e)    log "vllm e2e"; unshare -n python3 serving/netns.py timeout 330 python3 benchmarks/vllm_e2e_check.py --device cuda --max-model-len 16384 --lengths 600 1500 3000 120 200 --timeout 150 --out "$OUT/e2e_gpu.json" > "$OUT/e2e_gpu.txt" 2>&1; tail -30 "$OUT/e2e_gpu.txt" | tee -a "$OUT/steps.log" ;;
+    # from /tmp: vLLM's model-inspection subprocess (python -m, cwd on sys.path) must not see the
+    # repository's top-level kernels/ (transformers imports a `kernels` package when present)
+    e2e)    log "vllm e2e"; unshare -n python3 serving/netns.py sh -c 'cd /tmp && exec "$@"' sh timeout 330 python3 "$PWD/benchmarks/vllm_e2e_check.py" --device cuda --max-model-len 16384 --lengths 600 1500 3000 120 200 --timeout 150 --out "$OUT/e2e_gpu.json" > "$OUT/e2e_gpu.txt" 2>&1; tail -30 "$OUT/e2e_gpu.txt" | tee -a "$OUT/steps.log" ;;
     benchcmp:*)
       d=${step#benchcmp:}; a=${BENCHCMP_ARGS:---heads 32/8 --contexts 4096,32768,131072 --batches 1,8,32 --select dash_select_hook:select --warmup 10 --rep 40}
       mkdir -p /tmp/before/vllm_dash; cp "$d"/vllm_dash/*.py /tmp/before/vllm_dash/
