@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -40,18 +39,10 @@ from vllm_dash.kernels.recall import attention_recall
 __all__ = ["measure_recall", "load_pool", "recall_methods", "recall_main"]
 
 def load_pool(path: str, num_layers: int, num_kv_heads: int, head_size: int) -> torch.Tensor:
-    """The summary file's ``pool`` fp32 [L, Hk, D], shape-checked against the model."""
-    from safetensors import safe_open
-
-    with safe_open(os.path.expanduser(path), framework="pt") as f:
-        if "pool" not in f.keys():
-            raise ValueError(f"summary_file={path!r} has no tensor 'pool'")
-        pool = f.get_tensor("pool").float()
-    want = (num_layers, num_kv_heads, head_size)
-    if tuple(pool.shape) != want:
-        raise ValueError(f"summary_file={path!r}: tensor pool has shape {tuple(pool.shape)}, "
-                         f"the model needs {want}")
-    return pool
+    """The summary file's ``pool`` fp32 [L, Hk, D], checked against the model as the engine
+    checks it (vllm_dash.summary_source)."""
+    from vllm_dash.summary_source import ModelShape, checked_file_pool
+    return checked_file_pool(path, ModelShape(num_layers, num_kv_heads, head_size))
 
 
 def _method_plan(m: dict, num_layers: int, summary_file: Optional[str]) -> Optional[dict]:

@@ -35,7 +35,7 @@ from vllm_dash.config import DashConfig
 
 __all__ = ["FORMAT", "ModelShape", "EngineSummaries", "is_checkpoint_pool_name",
            "checkpoint_pool_names", "read_checkpoint_pool", "read_summary_file",
-           "engine_summaries"]
+           "checked_file_pool", "engine_summaries"]
 
 logger = logging.getLogger("vllm.vllm_dash")
 
@@ -89,7 +89,7 @@ def _shape_error(path, tensor: str, got, want) -> ValueError:
 @functools.lru_cache(maxsize=4)
 def read_summary_file(path: str) -> tuple:
     """(pool, score_scale or None, metadata) of a summary file, read once per process.
-    Shapes are not checked here (see :func:`_checked_file_pool`)."""
+    Shapes are not checked here (see :func:`checked_file_pool`)."""
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(os.path.expanduser(path), framework="pt") as f:
@@ -112,7 +112,10 @@ def read_summary_file(path: str) -> tuple:
     return pool, scale, meta
 
 
-def _checked_file_pool(path: str, shape: Optional[ModelShape]) -> torch.Tensor:
+def checked_file_pool(path: str, shape: Optional[ModelShape]) -> torch.Tensor:
+    """A summary file's ``pool`` as fp32 [L, Hk, D], checked against ``shape`` (None: the
+    model is unknown, only its rank is checked) and for finite values: the one reader the
+    engine and the eval tools share."""
     pool, scale, _ = read_summary_file(path)
     if shape is not None:
         want = (shape.num_layers, shape.num_kv_heads, shape.head_size)
@@ -202,7 +205,7 @@ def engine_summaries(config: DashConfig, model_dir: Optional[str],
     "mean"/"minmax" read nothing. ``shape`` None (model unknown) skips the shape checks."""
     pool, source = None, None
     if config.summary_file is not None:
-        pool, source = _checked_file_pool(config.summary_file, shape), config.summary_file
+        pool, source = checked_file_pool(config.summary_file, shape), config.summary_file
     elif config.summary in ("auto", "attn_pool") and shape is not None \
             and checkpoint_pool_names(model_dir):
         pool, source = read_checkpoint_pool(model_dir, shape), f"{model_dir} (indexer_q)"

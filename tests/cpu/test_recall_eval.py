@@ -66,7 +66,8 @@ def test_recall_rows(tiny_llama_dir, zero_pool, tmp_path):
 
 def test_load_pool_checks_the_shape(zero_pool):
     assert R.load_pool(zero_pool, 2, 2, 32).shape == (2, 2, 32)
-    with pytest.raises(ValueError, match=r"shape \(2, 2, 32\), the model needs \(3, 2, 32\)"):
+    with pytest.raises(ValueError,
+                       match=r"pool. has shape \[2, 2, 32\] but the model needs \[3, 2, 32"):
         R.load_pool(zero_pool, 3, 2, 32)
 
 
