@@ -286,7 +286,8 @@ def write_summary_file(out: str, tensors: dict, meta: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI
-def _ints(text: str) -> list:
+def int_list(text: str) -> list:
+    """argparse type: "2048,4096" -> [2048, 4096]."""
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -305,7 +306,7 @@ def distill_parser() -> argparse.ArgumentParser:
                     help="Hugging Face model folder, or 'smollm2-135m-instruct' (default: "
                          "the embedded model)")
     ap.add_argument("--out", required=True, help="output .safetensors file")
-    ap.add_argument("--lengths", type=_ints, default=None,
+    ap.add_argument("--lengths", type=int_list, default=None,
                     help="window lengths in tokens, comma-separated (default: the model's "
                          f"max_position_embeddings, at most {MAX_DEFAULT_LENGTH}: the vectors "
                          "must see the RoPE phases of every position they will pool)")

@@ -18,9 +18,8 @@ import os
 from typing import Optional
 
 from vllm_dash.config import TRAINING_FREE_SUMMARY
+from vllm_dash.kernels.params import SUMMARY_KINDS
 
-#: the block summary kinds (kernels.params.SUMMARY_KINDS; a test keeps them in step)
-SUMMARY_KINDS = ("mean", "minmax", "attn_pool")
 
 #: the DASH config keys that are engine settings (equal for every method of one engine)
 ENGINE_KEYS = ("summary", "summary_file")

@@ -32,7 +32,7 @@ import torch
 
 from vllm_dash.eval import capture as cap_mod
 from vllm_dash.eval import text as text_mod
-from vllm_dash.eval.distill import progress_bar
+from vllm_dash.eval.distill import int_list, progress_bar
 from vllm_dash.kernels import reference
 from vllm_dash.kernels.recall import attention_recall
 
@@ -172,13 +172,6 @@ def recall_methods(summary_file: Optional[str] = None) -> list:
     return out
 
 
-def _ints(text: str) -> list:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-
-
 def recall_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m vllm_dash.eval.recall",
@@ -193,7 +186,7 @@ def recall_parser() -> argparse.ArgumentParser:
                          "dense, top-k and DASH's defaults per summary kind)")
     ap.add_argument("--summary-file", default=None,
                     help="pooling vectors (vllm-dash distill) for attn_pool methods")
-    ap.add_argument("--lengths", type=_ints, default=[4096, 8192])
+    ap.add_argument("--lengths", type=int_list, default=[4096, 8192])
     ap.add_argument("--windows", type=int, default=2, help="text windows per length")
     ap.add_argument("--positions", type=int, default=16, help="decode positions per window")
     ap.add_argument("--seed", type=int, default=0)
